@@ -1,0 +1,197 @@
+//! Command-line definitions and dispatch.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lazarus_trainer::corpus::{self, Tokenizer};
+use std::path::PathBuf;
+
+/// Lazarus: a GPT-2 trainer that survives preemption.
+#[derive(Debug, Parser)]
+#[command(name = "lazarus", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model (with no arguments: the embedded default, a small model on synthetic data).
+    Train(TrainArgs),
+    /// Make token files.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Continue a prompt with a trained model.
+    Sample(SampleArgs),
+}
+
+/// Flags of `lazarus train`; each one overrides the config file.
+#[derive(Debug, Args, Default)]
+pub struct TrainArgs {
+    /// TOML config file; flags given here win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model preset: d2, d6, d12, d24, d48.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    #[arg(long)]
+    pub channels: Option<usize>,
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// Optimizer steps in the run.
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_u64)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Global micro-batch (sequences per micro-step over all ranks).
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
+    pub batch: Option<usize>,
+    /// Sequence length T.
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
+    pub seq: Option<usize>,
+    /// Micro-batches accumulated per step.
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
+    pub accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub weight_decay: Option<f32>,
+    #[arg(long)]
+    pub grad_clip: Option<f32>,
+    /// Token file or directory of token files.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub val_every: Option<u64>,
+    #[arg(long)]
+    pub val_batches: Option<usize>,
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_u64)]
+    pub log_every: Option<u64>,
+    /// Run directory (config, metrics, checkpoints, final metrics).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Never draw a progress bar, even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum DeviceArg {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+fn positive_u64(s: &str) -> std::result::Result<u64, String> {
+    match s.parse::<i128>() {
+        Ok(v) if v > 0 && v <= u64::MAX as i128 => Ok(v as u64),
+        Ok(v) => Err(format!("must be a positive integer, got {v}")),
+        Err(_) => Err(format!("`{s}` is not an integer")),
+    }
+}
+
+fn positive_usize(s: &str) -> std::result::Result<usize, String> {
+    positive_u64(s).map(|v| v as usize)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the deterministic synthetic corpus (byte-level, learnable structure).
+    Synth {
+        /// Output directory.
+        #[arg(long, default_value = "data/synth")]
+        out: PathBuf,
+        /// Corpus size in bytes (= tokens).
+        #[arg(long, default_value_t = 2_000_000, value_parser = positive_usize)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Tokenise a local text file into train/val token files.
+    Prepare {
+        /// The text file.
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long, value_enum, default_value_t = TokenizerArg::Gpt2)]
+        tokenizer: TokenizerArg,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction of tokens held out for validation.
+        #[arg(long, default_value_t = 0.1)]
+        val_frac: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TokenizerArg {
+    Gpt2,
+    Bytes,
+}
+
+/// Flags of `lazarus sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Run directory of a finished run.
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// Runs a parsed command line.
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => crate::train_cmd::train(args),
+        Command::Data(DataCommand::Synth { out, bytes, seed }) => {
+            let (train, val) = corpus::synth(&out, seed, bytes)?;
+            println!("wrote {} and {}", train.display(), val.display());
+            Ok(())
+        }
+        Command::Data(DataCommand::Prepare {
+            text,
+            tokenizer,
+            out,
+            val_frac,
+        }) => {
+            let tok = match tokenizer {
+                TokenizerArg::Gpt2 => Tokenizer::Gpt2,
+                TokenizerArg::Bytes => Tokenizer::Bytes,
+            };
+            let (train, val, n) = corpus::prepare(&text, tok, &out, val_frac)?;
+            println!(
+                "{n} tokens: wrote {} and {}",
+                train.display(),
+                val.display()
+            );
+            Ok(())
+        }
+        Command::Sample(a) => {
+            let w = lazarus_trainer::sample::load_final(&a.run_dir)
+                .with_context(|| format!("loading weights from {}", a.run_dir.display()))?;
+            let text =
+                lazarus_trainer::sample::generate(&w, &a.prompt, a.tokens, a.temperature, a.seed)?;
+            println!("{}{}", a.prompt, text);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! `lazarus train`: resolves the configuration (file, then flags), makes the default data when
+//! it is missing, runs training, and prints log lines or a progress bar.
+
+use crate::cli::{DeviceArg, TrainArgs};
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use lazarus_comm::SingleRank;
+use lazarus_trainer::train::{self, Event};
+use lazarus_trainer::{corpus, TrainConfig};
+use std::io::IsTerminal;
+
+/// The config file (or defaults) with every given flag applied on top.
+pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &args.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = args.$f.clone() { c.$f = v; } )* };
+    }
+    macro_rules! set_opt {
+        ($($f:ident),*) => { $( if let Some(v) = args.$f { c.$f = Some(v); } )* };
+    }
+    set!(
+        model,
+        steps,
+        seed,
+        batch,
+        seq,
+        accum,
+        lr,
+        warmup_steps,
+        weight_decay,
+        grad_clip,
+        data,
+        val_every,
+        val_batches,
+        log_every,
+        run_dir
+    );
+    set_opt!(layers, heads, channels, vocab);
+    Ok(c)
+}
+
+fn format_step(r: &train::StepReport, total: u64) -> String {
+    let mut s = format!(
+        "step {:>5}/{total} | loss {:.4} | lr {:.2e} | norm {:.3} | {:.1} ms | {:.0} tok/s",
+        r.step, r.loss, r.lr, r.grad_norm, r.ms, r.tokens_per_s
+    );
+    if let Some(v) = r.val_loss {
+        s.push_str(&format!(" | val {v:.4}"));
+    }
+    s
+}
+
+/// Runs `lazarus train`.
+pub fn train(args: TrainArgs) -> Result<()> {
+    let cfg = resolve(&args)?;
+    // Reject a bad configuration before anything is written to disk.
+    cfg.validate(1)?;
+    if args.device == DeviceArg::Cuda {
+        lazarus_kernels::check_device(lazarus_kernels::Device::Cuda { ordinal: 0 })?;
+        anyhow::bail!("the CUDA training path is not available in this version; use --device cpu");
+    }
+    if !cfg.data.exists() && cfg.data == TrainConfig::default().data {
+        println!(
+            "no data at {}: writing the synthetic corpus there",
+            cfg.data.display()
+        );
+        corpus::synth(&cfg.data, 1, 2_000_000)?;
+    }
+    let bar = (!args.no_progress && std::io::stdout().is_terminal()).then(|| {
+        let pb = ProgressBar::new(cfg.steps);
+        pb.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps, eta {eta} {msg}")
+                .expect("valid template"),
+        );
+        pb
+    });
+    let say = |line: String| match &bar {
+        Some(pb) => pb.println(line),
+        None => println!("{line}"),
+    };
+    let mut on_event = |ev: Event| match ev {
+        Event::Info(s) => say(s),
+        Event::Step {
+            report,
+            logged,
+            total,
+        } => {
+            if let Some(pb) = &bar {
+                pb.set_position(report.step);
+                pb.set_message(format!("loss {:.4}", report.loss));
+            }
+            if logged {
+                say(format_step(&report, total));
+            }
+        }
+    };
+    let fm = train::run(cfg.clone(), Box::new(SingleRank::new()), &mut on_event)?;
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    println!(
+        "done: {} steps, final loss {:.4}, val loss {:.4}, {:.0} tok/s; params sha256 {}",
+        fm.step, fm.final_loss, fm.val_loss, fm.tokens_per_s, fm.params_sha256
+    );
+    println!("run directory: {}", cfg.run_dir.display());
+    Ok(())
+}

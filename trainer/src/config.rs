@@ -1,0 +1,291 @@
+//! Model and training configuration: presets, TOML files, defaults and validation.
+
+use crate::error::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The shape of a GPT-2 model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// L: number of transformer blocks.
+    pub layers: usize,
+    /// NH: attention heads.
+    pub heads: usize,
+    /// C: channels (embedding width).
+    pub channels: usize,
+    /// V: the real vocabulary size (targets are below it).
+    pub vocab: usize,
+    /// Vp: vocabulary padded to a multiple of 128 (rows of `wte`, columns of the logits).
+    pub padded_vocab: usize,
+    /// maxT: rows of the position embedding; the longest sequence the model takes.
+    pub block_size: usize,
+}
+
+/// GPT-2's BPE vocabulary size.
+pub const GPT2_VOCAB: usize = 50257;
+
+/// Rounds a vocabulary size up to the padded width used for `wte` and the logits.
+pub fn pad_vocab(vocab: usize) -> usize {
+    vocab.div_ceil(128) * 128
+}
+
+/// The preset names, for error messages and `--help`.
+pub const PRESETS: &[&str] = &["d2", "d6", "d12", "d24", "d48"];
+
+/// (layers, heads, channels) of a named preset: d12 is GPT-2 124M, d24 350M, d48 1.5B.
+pub fn preset(name: &str) -> Result<(usize, usize, usize)> {
+    match name {
+        "d2" => Ok((2, 4, 128)),
+        "d6" => Ok((6, 6, 384)),
+        "d12" => Ok((12, 12, 768)),
+        "d24" => Ok((24, 16, 1024)),
+        "d48" => Ok((48, 25, 1600)),
+        other => Err(TrainError::Config(format!(
+            "unknown model preset `{other}`: choose one of {}",
+            PRESETS.join(", ")
+        ))),
+    }
+}
+
+impl ModelConfig {
+    /// Checks the shape for consistency.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.layers == 0 || self.heads == 0 || self.channels == 0 {
+            return bad("layers, heads and channels must all be positive".into());
+        }
+        if !self.channels.is_multiple_of(self.heads) {
+            return bad(format!(
+                "channels ({}) must be a multiple of heads ({})",
+                self.channels, self.heads
+            ));
+        }
+        if self.vocab == 0 || self.vocab > u16::MAX as usize + 1 {
+            return bad(format!(
+                "vocab {} out of range: token files hold u16 tokens, so 1..=65536",
+                self.vocab
+            ));
+        }
+        if self.padded_vocab < self.vocab || self.block_size == 0 {
+            return bad("padded vocab below vocab, or zero block size".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (with the padded vocabulary).
+    pub fn num_params(&self) -> usize {
+        crate::layout::Layout::gpt2(self).total
+    }
+}
+
+/// Everything a training run is configured by. Field defaults are the embedded default run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Preset name (d2, d6, d12, d24, d48).
+    pub model: String,
+    /// Overrides of the preset's shape.
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
+    pub channels: Option<usize>,
+    /// Vocabulary size; by default taken from the data file header.
+    pub vocab: Option<usize>,
+    /// T: sequence length of a training sample.
+    pub seq: usize,
+    /// Global micro-batch: sequences per micro-step summed over all ranks.
+    pub batch: usize,
+    /// Micro-steps accumulated per optimizer step.
+    pub accum: usize,
+    /// Optimizer steps in the run; the schedule spans them.
+    pub steps: u64,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// The cosine schedule decays to `lr * min_lr_frac`.
+    pub min_lr_frac: f32,
+    /// Linear warm-up steps.
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global gradient norm clip (0 disables).
+    pub grad_clip: f32,
+    /// Token file or directory of token files.
+    pub data: PathBuf,
+    /// Validation every N steps (0: only at the end).
+    pub val_every: u64,
+    /// Micro-batches in one validation pass.
+    pub val_batches: usize,
+    /// Log (and record in metrics.jsonl) every N steps.
+    pub log_every: u64,
+    /// The run directory.
+    pub run_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "d6".into(),
+            layers: None,
+            heads: None,
+            channels: None,
+            vocab: None,
+            seq: 64,
+            batch: 8,
+            accum: 1,
+            steps: 100,
+            seed: 1337,
+            lr: 1e-3,
+            min_lr_frac: 0.1,
+            warmup_steps: 10,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            data: PathBuf::from("data/synth"),
+            val_every: 50,
+            val_batches: 4,
+            log_every: 10,
+            run_dir: PathBuf::from("runs/default"),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file; unknown keys are errors so typos do not pass silently.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| TrainError::io("reading config", path, e))?;
+        toml::from_str(&text).map_err(|e| {
+            TrainError::Config(format!("{}: {}", path.display(), e.to_string().trim()))
+        })
+    }
+
+    /// The resolved config as TOML, for `config.toml` in the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a TrainConfig always serialises")
+    }
+
+    /// The model shape: preset, then explicit overrides, with the data's vocabulary.
+    pub fn model_config(&self, data_vocab: usize) -> Result<ModelConfig> {
+        let (l, h, c) = preset(&self.model)?;
+        let vocab = self.vocab.unwrap_or(data_vocab);
+        let m = ModelConfig {
+            layers: self.layers.unwrap_or(l),
+            heads: self.heads.unwrap_or(h),
+            channels: self.channels.unwrap_or(c),
+            vocab,
+            padded_vocab: pad_vocab(vocab),
+            block_size: self.seq,
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks the training hyper-parameters.
+    pub fn validate(&self, world_size: usize) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        preset(&self.model)?;
+        if self.steps == 0 {
+            return bad("steps must be positive".into());
+        }
+        if self.seq == 0 || self.batch == 0 || self.accum == 0 {
+            return bad("seq, batch and accum must be positive".into());
+        }
+        if !self.batch.is_multiple_of(world_size) {
+            return bad(format!(
+                "batch ({}) is the global micro-batch and must be a multiple of the number of ranks ({world_size})",
+                self.batch
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_frac) {
+            return bad("min_lr_frac must lie in [0, 1]".into());
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta1 and beta2 must lie in [0, 1)".into());
+        }
+        if self.log_every == 0 {
+            return bad("log_every must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_resolve_and_unknown_is_rejected() {
+        let cfg = TrainConfig {
+            model: "d12".into(),
+            seq: 1024,
+            ..Default::default()
+        };
+        let m = cfg.model_config(GPT2_VOCAB).unwrap();
+        assert_eq!(
+            (m.layers, m.heads, m.channels, m.padded_vocab),
+            (12, 12, 768, 50304)
+        );
+        // GPT-2 124M has 124,439,808 parameters with the unpadded vocabulary.
+        let unpadded = m.num_params() - (m.padded_vocab - m.vocab) * m.channels;
+        assert_eq!(unpadded, 124_439_808);
+        let err = TrainConfig {
+            model: "d7".into(),
+            ..Default::default()
+        }
+        .model_config(256)
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown model preset `d7`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn toml_round_trip_and_unknown_keys() {
+        let cfg = TrainConfig::default();
+        let back: TrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(toml::from_str::<TrainConfig>("stepz = 3").is_err());
+    }
+
+    #[test]
+    fn validation_catches_bad_values() {
+        let ok = TrainConfig::default();
+        assert!(ok.validate(1).is_ok());
+        assert!(TrainConfig {
+            steps: 0,
+            ..ok.clone()
+        }
+        .validate(1)
+        .is_err());
+        assert!(TrainConfig {
+            batch: 6,
+            ..ok.clone()
+        }
+        .validate(4)
+        .is_err());
+        assert!(TrainConfig {
+            lr: f32::NAN,
+            ..ok.clone()
+        }
+        .validate(1)
+        .is_err());
+        let m = ModelConfig {
+            layers: 2,
+            heads: 3,
+            channels: 128,
+            vocab: 256,
+            padded_vocab: 256,
+            block_size: 8,
+        };
+        assert!(m.validate().is_err());
+    }
+}

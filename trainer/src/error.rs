@@ -1,0 +1,45 @@
+//! The trainer's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the trainer, with what was found and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A token shard file is unusable.
+    #[error("bad token file {}: {detail}", path.display())]
+    Data { path: PathBuf, detail: String },
+    /// An I/O error on a named path.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A collective failed.
+    #[error(transparent)]
+    Comm(#[from] lazarus_comm::CommError),
+    /// A compute backend failed or is unavailable.
+    #[error(transparent)]
+    Kernel(#[from] lazarus_kernels::KernelError),
+    /// The loss or the gradients stopped being finite.
+    #[error("training diverged at step {step}: {detail}")]
+    Diverged { step: u64, detail: String },
+}
+
+impl TrainError {
+    /// Wraps an I/O error with the operation and the path it concerned.
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;

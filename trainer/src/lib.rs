@@ -1,0 +1,15 @@
+//! The GPT-2 trainer: model over one flat parameter buffer, data loader, AdamW, schedule, loop.
+
+pub mod config;
+pub mod corpus;
+pub mod data;
+pub mod error;
+pub mod layout;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod sample;
+pub mod train;
+
+pub use config::{ModelConfig, TrainConfig};
+pub use error::{Result, TrainError};
