@@ -9,7 +9,9 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod sample;
+pub mod state;
 pub mod train;
 
 pub use config::{ModelConfig, TrainConfig};
 pub use error::{Result, TrainError};
+pub use lazarus_checkpoint as checkpoint;
