@@ -17,6 +17,7 @@ compile_error!(
 mod checksum;
 mod discover;
 mod error;
+mod fault;
 mod format;
 mod header;
 mod lock;
@@ -30,6 +31,7 @@ mod writer;
 pub use checksum::{checksum, to_hex, CHECKSUM_ALGO, CHUNK_BYTES};
 pub use discover::{discover_committed, list_checkpoints, CheckpointEntry, EntryStatus};
 pub use error::{CheckpointError, Result};
+pub use fault::{crash_point, CRASH_AT_ENV, CRASH_POINTS};
 pub use format::{
     parse_step_dir_name, shard_file_name, step_dir_name, Compression, Dtype, FlatSlice, ShardInfo,
     ShardMeta, TensorRecord, TensorSpec, COMMITTED_FILE, FORMAT_NAME, FORMAT_VERSION,

@@ -143,6 +143,7 @@ impl CheckpointManager {
             return NO_STEP;
         };
         let dir = self.root.join(step_dir_name(step));
+        crate::fault::crash_point("before-commit", step);
         match commit(
             &dir,
             step,

@@ -123,7 +123,9 @@ pub fn commit(
         training_state,
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-    write_file_atomic(step_dir, COMMITTED_FILE, &json)?;
+    write_file_atomic(step_dir, COMMITTED_FILE, &json, || {
+        crate::fault::crash_point("commit-before-rename", step)
+    })?;
     Ok(manifest)
 }
 
@@ -184,7 +186,13 @@ fn read_shard_info(
 }
 
 /// Writes `dir/name` atomically and durably: `name.tmp`, fsync, rename, fsync of `dir`.
-pub(crate) fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// `before_rename` runs between the fsync and the rename (a crash point in fault tests).
+pub(crate) fn write_file_atomic(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    before_rename: impl FnOnce(),
+) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| CheckpointError::io("create", &tmp, e))?;
@@ -195,6 +203,7 @@ pub(crate) fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<
             path: tmp.clone(),
             source,
         })?;
+        before_rename();
         fs::rename(&tmp, dir.join(name)).map_err(|e| CheckpointError::io("rename", &tmp, e))
     })();
     if result.is_err() {

@@ -42,6 +42,7 @@ pub fn apply_retention(ckpt_root: &Path, keep_last: usize) -> Result<Vec<PathBuf
     for dir in doomed {
         remove_step_dir(dir)?;
         removed.push(dir.to_path_buf());
+        crate::fault::crash_point("retention", newest);
     }
     Ok(removed)
 }

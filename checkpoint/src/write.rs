@@ -111,9 +111,14 @@ pub fn write_shard(
         .open(&guard.path)
         .map_err(|e| CheckpointError::io("create", &guard.path, e))?;
     reserve(&file, size, &guard.path)?;
-    let header = fill_map(&file, &guard.path, header_len, &payloads, |sums| {
-        build_header(meta, compression, &items(sums))
-    })?;
+    let header = fill_map(
+        &file,
+        &guard.path,
+        meta.step,
+        header_len,
+        &payloads,
+        |sums| build_header(meta, compression, &items(sums)),
+    )?;
     file.sync_all()
         .map_err(|source| CheckpointError::Durability {
             op: "fsync",
@@ -121,6 +126,7 @@ pub fn write_shard(
             source,
         })?;
     drop(file);
+    crate::fault::crash_point("shard-before-rename", meta.step);
     fs::rename(&guard.path, &final_path)
         .map_err(|e| CheckpointError::io("rename", &guard.path, e))?;
     guard.armed = false;
@@ -227,6 +233,7 @@ fn reserve(file: &File, size: u64, path: &Path) -> Result<()> {
 fn fill_map(
     file: &File,
     path: &Path,
+    step: u64,
     header_len: usize,
     payloads: &[Payload],
     make_header: impl FnOnce(&[u64]) -> Vec<u8>,
@@ -239,6 +246,7 @@ fn fill_map(
         unsafe { MmapMut::map_mut(file) }.map_err(|e| CheckpointError::io("mmap", path, e))?;
     let (head, data) = map.split_at_mut(header_len);
     let sums = copy_and_hash(data, payloads);
+    crate::fault::crash_point("shard-copy", step);
     let header = make_header(&sums);
     assert_eq!(
         header.len(),

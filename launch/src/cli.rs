@@ -78,6 +78,34 @@ pub struct TrainArgs {
     /// Run directory (config, metrics, checkpoints, final metrics).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only at the end and when stopped).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Committed checkpoints to keep (the newest is never removed).
+    #[arg(long)]
+    pub keep_last: Option<usize>,
+    /// Checkpoint compression.
+    #[arg(long, value_parser = ["none", "zstd"])]
+    pub ckpt_compress: Option<String>,
+    /// Stop training when a checkpoint cannot be saved (default: warn and go on).
+    #[arg(long)]
+    pub ckpt_fail_fast: bool,
+    /// Where to start: `auto` (newest usable committed checkpoint, else fresh), `never`, or a
+    /// checkpoint directory.
+    #[arg(long, default_value = "auto")]
+    pub resume: String,
+    /// End this invocation after step N as a preemption would (save, commit, exit 0).
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_u64)]
+    pub stop_at: Option<u64>,
+    /// Restore weights but not AdamW's moments.
+    #[arg(long)]
+    pub no_load_optimizer: bool,
+    /// Restore weights but restart the schedule and data stream at step 0.
+    #[arg(long)]
+    pub reset_schedule: bool,
+    /// Longest wait, in ms, for the last checkpoint to become durable when stopping or finishing.
+    #[arg(long, default_value_t = 60_000)]
+    pub grace_ms: u64,
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,

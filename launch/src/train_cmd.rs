@@ -5,6 +5,8 @@ use crate::cli::{DeviceArg, TrainArgs};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use lazarus_comm::SingleRank;
+use lazarus_trainer::run::{Resume, RunOptions, RunOutcome};
+use lazarus_trainer::snapshot::RestoreParts;
 use lazarus_trainer::train::{self, Event};
 use lazarus_trainer::{corpus, TrainConfig};
 use std::io::IsTerminal;
@@ -50,6 +52,9 @@ fn format_step(r: &train::StepReport, total: u64) -> String {
     if let Some(v) = r.val_loss {
         s.push_str(&format!(" | val {v:.4}"));
     }
+    if let Some(ms) = r.ckpt_stall_ms {
+        s.push_str(&format!(" | ckpt stall {ms:.1} ms"));
+    }
     s
 }
 
@@ -83,6 +88,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
     };
     let mut on_event = |ev: Event| match ev {
         Event::Info(s) => say(s),
+        Event::Warn(s) => match &bar {
+            Some(pb) => pb.suspend(|| eprintln!("warning: {s}")),
+            None => eprintln!("warning: {s}"),
+        },
         Event::Step {
             report,
             logged,
@@ -97,14 +106,38 @@ pub fn train(args: TrainArgs) -> Result<()> {
             }
         }
     };
-    let fm = train::run(cfg.clone(), Box::new(SingleRank::new()), &mut on_event)?;
+    let opts = RunOptions {
+        resume: match args.resume.as_str() {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            path => Resume::Path(path.into()),
+        },
+        stop_at: args.stop_at,
+        parts: RestoreParts {
+            skip_optimizer: args.no_load_optimizer,
+            reset_schedule: args.reset_schedule,
+        },
+        final_save_timeout_ms: args.grace_ms,
+    };
+    let outcome = lazarus_trainer::run::run(
+        cfg.clone(),
+        opts,
+        Box::new(SingleRank::new()),
+        &mut on_event,
+    )?;
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
-    println!(
-        "done: {} steps, final loss {:.4}, val loss {:.4}, {:.0} tok/s; params sha256 {}",
-        fm.step, fm.final_loss, fm.val_loss, fm.tokens_per_s, fm.params_sha256
-    );
+    match outcome {
+        RunOutcome::Complete(fm) => println!(
+            "done: {} steps, final loss {:.4}, val loss {:.4}, {:.0} tok/s; params sha256 {}",
+            fm.step, fm.final_loss, fm.val_loss, fm.tokens_per_s, fm.params_sha256
+        ),
+        RunOutcome::Stopped { step, committed } => println!(
+            "stopped after step {step}; newest committed checkpoint: {}",
+            committed.map_or("none".into(), |s| format!("step {s}"))
+        ),
+    }
     println!("run directory: {}", cfg.run_dir.display());
     Ok(())
 }

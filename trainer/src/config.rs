@@ -122,6 +122,14 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// The run directory.
     pub run_dir: PathBuf,
+    /// Save a checkpoint every N steps (0: only at the end and when stopped).
+    pub save_every: u64,
+    /// Committed checkpoints kept; the newest is never removed.
+    pub keep_last: usize,
+    /// Checkpoint compression: "none" or "zstd".
+    pub ckpt_compress: String,
+    /// Stop training when a checkpoint cannot be saved (default: log it and go on).
+    pub ckpt_fail_fast: bool,
 }
 
 impl Default for TrainConfig {
@@ -150,6 +158,10 @@ impl Default for TrainConfig {
             val_batches: 4,
             log_every: 10,
             run_dir: PathBuf::from("runs/default"),
+            save_every: 50,
+            keep_last: 3,
+            ckpt_compress: "none".into(),
+            ckpt_fail_fast: false,
         }
     }
 }
@@ -209,6 +221,12 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1 and beta2 must lie in [0, 1)".into());
+        }
+        if !matches!(self.ckpt_compress.as_str(), "none" | "zstd") {
+            return bad(format!(
+                "ckpt_compress must be `none` or `zstd`, got `{}`",
+                self.ckpt_compress
+            ));
         }
         if self.log_every == 0 {
             return bad("log_every must be positive".into());

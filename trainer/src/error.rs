@@ -22,6 +22,12 @@ pub enum TrainError {
     /// A collective failed.
     #[error(transparent)]
     Comm(#[from] lazarus_comm::CommError),
+    /// Saving, committing or reading a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] lazarus_checkpoint::CheckpointError),
+    /// The run cannot resume as asked (incompatible or unusable checkpoint).
+    #[error("cannot resume: {0}")]
+    Resume(String),
     /// A compute backend failed or is unavailable.
     #[error(transparent)]
     Kernel(#[from] lazarus_kernels::KernelError),

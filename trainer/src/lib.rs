@@ -8,7 +8,9 @@ pub mod layout;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod run;
 pub mod sample;
+pub mod snapshot;
 pub mod state;
 pub mod train;
 

@@ -22,6 +22,10 @@ pub struct TrainingState {
     pub step: u64,
     /// Steps of the whole run (the schedule spans them).
     pub total_steps: u64,
+    /// AdamW updates since the moments were last reset.
+    pub optimizer_steps: u64,
+    /// Global samples consumed (the data cursor).
+    pub samples: u64,
     /// Tokens consumed so far.
     pub tokens: u64,
     /// Data cursor of the next sample.

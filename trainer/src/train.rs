@@ -2,7 +2,7 @@
 //! metrics, and the run directory's files.
 
 use crate::config::{ModelConfig, TrainConfig};
-use crate::data::{DataSource, Sampler, Split};
+use crate::data::{Cursor, DataSource, Sampler, Split};
 use crate::error::{Result, TrainError};
 use crate::model::{init_params, Gpt};
 use crate::optim::{adamw_step, learning_rate, slice_segments};
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// What one optimizer step did.
@@ -25,15 +25,20 @@ pub struct StepReport {
     pub grad_norm: f32,
     pub ms: f64,
     pub tokens_per_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f32>,
+    /// Time the loop was held by a checkpoint save at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ckpt_stall_ms: Option<f64>,
 }
 
 /// What the loop tells its caller, for logs and progress bars.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Free-form information (data source, model size, ...).
+    /// Free-form information (data source, model size, commits, ...).
     Info(String),
+    /// Something went wrong that training survives (a failed save, say).
+    Warn(String),
     /// A completed step; `logged` says whether it is a log step.
     Step {
         report: StepReport,
@@ -77,6 +82,14 @@ pub struct Trainer {
     targets: Vec<u32>,
     /// Number of optimizer steps completed.
     pub step: u64,
+    /// AdamW updates applied since the moments were last reset (bias correction uses it).
+    pub optimizer_steps: u64,
+    /// Global samples consumed: the data cursor.
+    pub samples: u64,
+    /// Restarts from a checkpoint so far.
+    pub restarts: u64,
+    /// The most recent logged steps, kept for checkpoints.
+    pub history: std::collections::VecDeque<StepReport>,
 }
 
 /// Files of a run directory.
@@ -151,6 +164,10 @@ impl Trainer {
             comm,
             cfg,
             step: 0,
+            optimizer_steps: 0,
+            samples: 0,
+            restarts: 0,
+            history: std::collections::VecDeque::new(),
         })
     }
 
@@ -173,10 +190,10 @@ impl Trainer {
         self.cfg.batch / self.comm.world_size()
     }
 
-    /// Fills inputs/targets with this rank's share of global micro-batch `micro`.
+    /// Fills inputs/targets with this rank's share of micro-batch `micro` of this step.
     fn load_micro_batch(&mut self, micro: u64) -> Result<()> {
         let (b, t) = (self.local_batch(), self.cfg.seq);
-        let first = micro * self.cfg.batch as u64 + (self.comm.rank() * b) as u64;
+        let first = self.samples + micro * self.cfg.batch as u64 + (self.comm.rank() * b) as u64;
         for i in 0..b {
             let w = self.sampler.window(first + i as u64);
             let (inp, tgt) = (
@@ -197,7 +214,7 @@ impl Trainer {
         self.grads.fill(0.0);
         let mut loss_sum = 0.0f64;
         for k in 0..accum {
-            self.load_micro_batch(self.step * accum + k)?;
+            self.load_micro_batch(k)?;
             loss_sum += self.gpt.forward_backward(
                 &self.params,
                 &mut self.grads,
@@ -235,11 +252,13 @@ impl Trainer {
             &mut self.m,
             &mut self.v,
             lr,
-            self.step,
+            self.optimizer_steps,
         );
         self.comm
             .all_gather_f32(&self.param_shard, &mut self.params)?;
         self.step += 1;
+        self.optimizer_steps += 1;
+        self.samples += accum * self.cfg.batch as u64;
         let secs = started.elapsed().as_secs_f64();
         Ok(StepReport {
             step: self.step,
@@ -249,6 +268,7 @@ impl Trainer {
             ms: secs * 1e3,
             tokens_per_s: (self.cfg.batch * t * self.cfg.accum) as f64 / secs,
             val_loss: None,
+            ckpt_stall_ms: None,
         })
     }
 
@@ -275,92 +295,57 @@ impl Trainer {
         Ok((sums[0] / (self.cfg.val_batches.max(1) * self.cfg.batch * t) as f64) as f32)
     }
 
+    /// Where the data stream stands.
+    pub fn cursor(&self) -> Cursor {
+        self.sampler.cursor(self.samples)
+    }
+
+    /// This rank's slice of the unpadded flat buffer (may be shorter than the padded slice).
+    pub fn own_unpadded(&self) -> Range<usize> {
+        let total = self.num_params();
+        self.own.start.min(total)..self.own.end.min(total)
+    }
+
+    /// The parameters, m and v of this rank's slice, for the checkpoint writer.
+    pub fn own_state(&self) -> (&[f32], &[f32], &[f32]) {
+        let r = self.own_unpadded();
+        let n = r.len();
+        (&self.params[r], &self.m[..n], &self.v[..n])
+    }
+
+    /// Mutable views of this rank's parameter slice, m and v (for restore).
+    pub fn own_state_mut(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let r = self.own_unpadded();
+        let n = r.len();
+        (&mut self.params[r], &mut self.m[..n], &mut self.v[..n])
+    }
+
+    /// Re-assembles the full parameter buffer from every rank's restored slice.
+    pub fn gather_params(&mut self) -> Result<()> {
+        self.param_shard
+            .copy_from_slice(&self.params[self.own.clone()]);
+        self.comm
+            .all_gather_f32(&self.param_shard, &mut self.params)?;
+        Ok(())
+    }
+
+    /// Remembers a logged step for the checkpointed history.
+    pub fn remember(&mut self, r: &StepReport) {
+        self.history.push_back(r.clone());
+        while self.history.len() > crate::state::METRICS_HISTORY_MAX {
+            self.history.pop_front();
+        }
+    }
+
+    /// The layout hash of the model.
+    pub fn layout_hash(&self) -> String {
+        self.gpt.layout.hash()
+    }
+
     /// SHA-256 of the (unpadded) flat parameters.
     pub fn params_sha256(&self) -> String {
         sha256_f32(&self.params[..self.num_params()])
     }
-}
-
-/// Prepares the run directory: creates it, checks it is writable, writes the resolved config
-/// and model shape.
-pub fn prepare_run_dir(dir: &Path, cfg: &TrainConfig, model: &ModelConfig) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io("creating run directory", dir, e))?;
-    write_atomic(&dir.join(files::CONFIG), cfg.to_toml().as_bytes())?;
-    let model_json = serde_json::to_vec_pretty(model).expect("model config serialises");
-    write_atomic(&dir.join(files::MODEL), &model_json)
-}
-
-/// Runs training to `cfg.steps`, reporting through `on_event`; rank 0 writes the run
-/// directory's files. Returns the final metrics.
-pub fn run(
-    cfg: TrainConfig,
-    comm: Box<dyn Communicator>,
-    on_event: &mut dyn FnMut(Event),
-) -> Result<FinalMetrics> {
-    let started = Instant::now();
-    let mut tr = Trainer::new(cfg, comm)?;
-    let lead = tr.comm().rank() == 0;
-    let run_dir: PathBuf = tr.cfg.run_dir.clone();
-    if lead {
-        prepare_run_dir(&run_dir, &tr.cfg, &tr.model)?;
-    }
-    on_event(Event::Info(format!("data: {}", tr.data_description())));
-    let m = tr.model;
-    on_event(Event::Info(format!(
-        "model: {} layers, {} heads, {} channels, vocab {} (padded {}), {:.2}M parameters; {} rank(s), global batch {}x{}x{} tokens",
-        m.layers, m.heads, m.channels, m.vocab, m.padded_vocab, tr.num_params() as f64 / 1e6,
-        tr.comm().world_size(), tr.cfg.batch, tr.cfg.seq, tr.cfg.accum
-    )));
-    let metrics_path = run_dir.join(files::METRICS);
-    let mut last = None;
-    let mut last_val = f32::NAN;
-    while tr.step < tr.cfg.steps {
-        let mut report = tr.train_step()?;
-        let at_end = tr.step == tr.cfg.steps;
-        let val_due = at_end || (tr.cfg.val_every > 0 && tr.step % tr.cfg.val_every == 0);
-        if val_due {
-            last_val = tr.validate()?;
-            report.val_loss = Some(last_val);
-        }
-        let logged =
-            tr.step == 1 || at_end || tr.step % tr.cfg.log_every == 0 || report.val_loss.is_some();
-        if lead && logged {
-            append_jsonl(&metrics_path, &report)?;
-        }
-        last = Some(report.clone());
-        on_event(Event::Step {
-            report,
-            logged,
-            total: tr.cfg.steps,
-        });
-    }
-    let last = last.expect("steps is positive");
-    let tokens = tr.step * (tr.cfg.batch * tr.cfg.seq * tr.cfg.accum) as u64;
-    let elapsed_s = started.elapsed().as_secs_f64();
-    let fm = FinalMetrics {
-        step: tr.step,
-        final_loss: last.loss,
-        val_loss: last_val,
-        tokens,
-        params_sha256: tr.params_sha256(),
-        num_params: tr.num_params(),
-        elapsed_s,
-        tokens_per_s: tokens as f64 / elapsed_s,
-    };
-    if lead {
-        let bytes: Vec<u8> = tr.params[..tr.num_params()]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        write_atomic(&run_dir.join(files::FINAL_PARAMS), &bytes)?;
-        let json = serde_json::to_vec_pretty(&fm).expect("metrics serialise");
-        write_atomic(&run_dir.join(files::FINAL_METRICS), &json)?;
-        write_atomic(
-            &run_dir.join(files::COMPLETE),
-            format!("step {}\n", tr.step).as_bytes(),
-        )?;
-    }
-    Ok(fm)
 }
 
 /// Appends one JSON line to a metrics file.
