@@ -137,28 +137,28 @@ impl CheckpointManager {
         Ok(report)
     }
 
-    /// Rank 0: commits the newest pending step `<= durable`; returns it or `NO_STEP`.
+    /// Rank 0: commits every pending step `<= durable`, oldest first, so that a save that
+    /// became durable only after the next one started still counts towards `keep_last`.
+    /// Returns the newest step committed, or `NO_STEP`.
     fn try_commit(&mut self, durable: u64, report: &mut BoundaryReport) -> u64 {
-        let Some((&step, state)) = self.pending.range(..=durable).next_back() else {
-            return NO_STEP;
-        };
-        let dir = self.root.join(step_dir_name(step));
-        crate::fault::crash_point("before-commit", step);
-        match commit(
-            &dir,
-            step,
-            self.world_size,
-            &self.layout_hash,
-            state.clone(),
-        ) {
-            Ok(_) => step,
-            Err(e) => {
-                // A step whose shard failed on some rank can never be committed: drop it.
-                self.pending.retain(|&s, _| s > step);
-                report.failed_commit = Some((step, e));
-                NO_STEP
+        let ready: Vec<(u64, serde_json::Value)> = self
+            .pending
+            .range(..=durable)
+            .map(|(&s, v)| (s, v.clone()))
+            .collect();
+        // Whatever happens below, these steps are settled: committed now, or never (a shard
+        // that failed on some rank cannot appear later).
+        self.pending.retain(|&s, _| s > durable);
+        let mut newest = NO_STEP;
+        for (step, state) in ready {
+            let dir = self.root.join(step_dir_name(step));
+            crate::fault::crash_point("before-commit", step);
+            match commit(&dir, step, self.world_size, &self.layout_hash, state) {
+                Ok(_) => newest = step,
+                Err(e) => report.failed_commit = Some((step, e)),
             }
         }
+        newest
     }
 
     /// Waits for the in-flight save (at most `timeout`), then runs [`step_boundary`]

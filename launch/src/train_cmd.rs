@@ -38,9 +38,15 @@ pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
         val_every,
         val_batches,
         log_every,
-        run_dir
+        run_dir,
+        save_every,
+        keep_last,
+        ckpt_compress
     );
     set_opt!(layers, heads, channels, vocab);
+    if args.ckpt_fail_fast {
+        c.ckpt_fail_fast = true;
+    }
     Ok(c)
 }
 

@@ -104,6 +104,40 @@ fn manager_commits_at_step_boundary() {
 }
 
 #[test]
+fn saves_that_became_durable_without_a_boundary_between_are_all_committed() {
+    // Step 5's save finishes only while step 6's is being started (save waits for it), so no
+    // boundary saw 5 durable on its own; it must still be committed and kept, not treated as
+    // an abandoned directory by retention.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let comm = SingleRank::new();
+    let data = flat_array(10_000, 4);
+    let mut mgr = CheckpointManager::new(
+        tmp.path(),
+        0,
+        1,
+        "l".into(),
+        specs(data.len()),
+        Compression::None,
+        3,
+    )
+    .expect("manager");
+    for step in [5, 6] {
+        mgr.save(step, serde_json::json!({ "step": step }), |st| {
+            fill_step(st, &data, step)
+        })
+        .expect("save");
+    }
+    let r = mgr.finish(&comm, Duration::from_secs(30)).expect("finish");
+    assert_eq!(r.committed, Some(6));
+    let steps: Vec<u64> = discover_committed(tmp.path())
+        .expect("discover")
+        .iter()
+        .map(|(_, m)| m.step)
+        .collect();
+    assert_eq!(steps, vec![6, 5]);
+}
+
+#[test]
 fn failed_save_is_reported_not_committed_and_next_save_works() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let comm = SingleRank::new();

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `lazarus` binary: real processes, real files.
 
 mod cli_errors;
+mod faults;
 mod train_runs;
 
 use std::path::{Path, PathBuf};
