@@ -360,3 +360,52 @@ pub fn append_jsonl<T: Serialize>(path: &Path, record: &T) -> Result<()> {
         .map_err(io)?;
     f.write_all(line.as_bytes()).map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazarus_comm::SingleRank;
+
+    fn tiny(dir: &Path) -> Trainer {
+        crate::corpus::synth(dir, 1, 50_000).unwrap();
+        let cfg = TrainConfig {
+            model: "d2".into(),
+            channels: Some(16),
+            heads: Some(2),
+            seq: 8,
+            batch: 2,
+            accum: 2,
+            steps: 5,
+            data: dir.to_path_buf(),
+            ..Default::default()
+        };
+        Trainer::new(cfg, Box::new(SingleRank::new())).unwrap()
+    }
+
+    #[test]
+    fn each_step_reads_the_next_samples() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tr = tiny(tmp.path());
+        tr.load_micro_batch(0).unwrap();
+        let first = tr.inputs.clone();
+        tr.load_micro_batch(1).unwrap();
+        assert_ne!(first, tr.inputs, "micro-batches of one step differ");
+        tr.train_step().unwrap();
+        assert_eq!(tr.samples, 4, "a step consumes batch x accum samples");
+        tr.load_micro_batch(0).unwrap();
+        assert_ne!(first, tr.inputs, "the next step reads new samples");
+        assert_eq!(tr.cursor().position, 4);
+    }
+
+    #[test]
+    fn a_step_changes_the_parameters_and_reports_finite_numbers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tr = tiny(tmp.path());
+        let before = tr.params_sha256();
+        let r = tr.train_step().unwrap();
+        assert_ne!(before, tr.params_sha256());
+        assert!(r.loss.is_finite() && r.grad_norm > 0.0 && r.lr > 0.0);
+        // Untrained, the loss is near ln(256).
+        assert!((r.loss - 256f32.ln()).abs() < 0.5, "{}", r.loss);
+    }
+}
