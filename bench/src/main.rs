@@ -1,6 +1,7 @@
 //! `lazarus-bench`: the benchmark harness. Each suite prints a compact table last and writes
 //! JSON (with the machine, git commit and date) under `bench/results/`.
 
+mod ckpt_suite;
 mod machine;
 mod train_suite;
 
@@ -23,11 +24,14 @@ struct Cli {
 enum Suite {
     /// Training throughput (tokens/s, ms/step) on the CPU for d2 and d6.
     Train(train_suite::TrainArgs),
+    /// Checkpoint stall, time to durable, persist and restore bandwidth against the raw disk.
+    Ckpt(ckpt_suite::CkptArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.suite {
         Suite::Train(args) => train_suite::run(&args, &cli.out),
+        Suite::Ckpt(args) => ckpt_suite::run(&args, &cli.out),
     }
 }

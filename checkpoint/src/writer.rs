@@ -17,6 +17,17 @@ use crate::write::write_shard;
 /// Saves that may be in flight at once: one. A save that finds one running waits (the stall).
 pub const SAVES_IN_FLIGHT_MAX: usize = 1;
 
+/// Writes one word in every page of `words`, so that the kernel maps the whole buffer now, at
+/// start-up, and the first save does not pay for page faults (zeroed allocations are lazy).
+fn touch_pages(words: &mut [u64]) {
+    const WORDS_PER_PAGE: usize = 4096 / 8;
+    for w in words.iter_mut().step_by(WORDS_PER_PAGE) {
+        // SAFETY: `w` is a valid, exclusive reference; the volatile write only keeps the
+        // compiler from eliding a store of the value the allocation already holds.
+        unsafe { std::ptr::write_volatile(w, 0) };
+    }
+}
+
 /// Host memory for one rank's tensors, 8-byte aligned per tensor. Owned by exactly one side
 /// (training loop or writer thread) at a time.
 #[derive(Debug)]
@@ -46,8 +57,10 @@ impl StagingBuffer {
             ranges.push(at..at + len);
             at = (at + len).next_multiple_of(8);
         }
+        let mut words = vec![0u64; at / 8];
+        touch_pages(&mut words);
         Ok(StagingBuffer {
-            words: vec![0u64; at / 8],
+            words,
             specs,
             ranges,
             index,
@@ -311,7 +324,8 @@ impl AsyncWriter {
         std::mem::take(&mut self.outcomes)
     }
 
-    /// The newest step whose shard this rank has made durable, if any.
+    /// The newest step whose shard this rank has made durable, if any, as of the last `poll`,
+    /// `save` or `wait_idle`: it does not move by itself, so callers waiting on it must poll.
     pub fn latest_durable_step(&self) -> Option<u64> {
         self.latest_durable
     }

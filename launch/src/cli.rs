@@ -24,6 +24,9 @@ pub enum Command {
     Data(DataCommand),
     /// Continue a prompt with a trained model.
     Sample(SampleArgs),
+    /// List, verify, inspect, prune and export a run's checkpoints.
+    #[command(subcommand)]
+    Ckpt(crate::ckpt_cmd::CkptCommand),
 }
 
 /// Flags of `lazarus train`; each one overrides the config file.
@@ -213,6 +216,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Ckpt(c) => crate::ckpt_cmd::run(c),
         Command::Sample(a) => {
             let w = lazarus_trainer::sample::load_final(&a.run_dir)
                 .with_context(|| format!("loading weights from {}", a.run_dir.display()))?;

@@ -1,6 +1,7 @@
 //! The `lazarus` command line: parses arguments, runs the chosen command, and maps errors to
 //! exit codes (2 for usage and configuration errors, 1 for everything else).
 
+mod ckpt_cmd;
 mod cli;
 mod train_cmd;
 

@@ -2,14 +2,17 @@
 //! it is missing, runs training, and prints log lines or a progress bar.
 
 use crate::cli::{DeviceArg, TrainArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lazarus_comm::SingleRank;
 use lazarus_trainer::run::{Resume, RunOptions, RunOutcome};
 use lazarus_trainer::snapshot::RestoreParts;
 use lazarus_trainer::train::{self, Event};
 use lazarus_trainer::{corpus, TrainConfig};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 /// The config file (or defaults) with every given flag applied on top.
 pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
@@ -62,6 +65,20 @@ fn format_step(r: &train::StepReport, total: u64) -> String {
         s.push_str(&format!(" | ckpt stall {ms:.1} ms"));
     }
     s
+}
+
+/// SIGTERM, SIGUSR1 and SIGINT set the returned flag (the loop stops at the next step boundary
+/// with a committed checkpoint); a second one while the flag is set exits at once with 128+signal.
+fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGUSR1, SIGINT] {
+        // Registered first, so it sees the flag as it was before this signal's own handler runs.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .with_context(|| format!("installing the handler of signal {sig}"))?;
+    }
+    Ok(flag)
 }
 
 /// Runs `lazarus train`.
@@ -124,6 +141,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
             reset_schedule: args.reset_schedule,
         },
         final_save_timeout_ms: args.grace_ms,
+        stop_signal: Some(install_signal_handlers()?),
     };
     let outcome = lazarus_trainer::run::run(
         cfg.clone(),
@@ -139,7 +157,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
             "done: {} steps, final loss {:.4}, val loss {:.4}, {:.0} tok/s; params sha256 {}",
             fm.step, fm.final_loss, fm.val_loss, fm.tokens_per_s, fm.params_sha256
         ),
-        RunOutcome::Stopped { step, committed } => println!(
+        RunOutcome::Stopped {
+            step, committed, ..
+        } => println!(
             "stopped after step {step}; newest committed checkpoint: {}",
             committed.map_or("none".into(), |s| format!("step {s}"))
         ),

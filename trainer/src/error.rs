@@ -28,6 +28,9 @@ pub enum TrainError {
     /// The run cannot resume as asked (incompatible or unusable checkpoint).
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// A checkpoint cannot be exported as asked.
+    #[error("cannot export: {0}")]
+    Export(String),
     /// A compute backend failed or is unavailable.
     #[error(transparent)]
     Kernel(#[from] lazarus_kernels::KernelError),

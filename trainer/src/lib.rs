@@ -4,6 +4,7 @@ pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod layout;
 pub mod model;
 pub mod optim;

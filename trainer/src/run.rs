@@ -13,6 +13,8 @@ use lazarus_checkpoint::{
 use lazarus_comm::Communicator;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Sub-directory of the run directory holding checkpoints.
@@ -38,6 +40,9 @@ pub struct RunOptions {
     pub resume: Resume,
     /// End this invocation after this step as a preemption would: save, commit, exit.
     pub stop_at: Option<u64>,
+    /// Set by a signal handler (SIGTERM, SIGUSR1, SIGINT): the ranks agree at the next step
+    /// boundary, save, commit and stop, as for `stop_at`.
+    pub stop_signal: Option<Arc<AtomicBool>>,
     pub parts: RestoreParts,
     /// Longest wait for the last save to become durable when stopping or finishing.
     pub final_save_timeout_ms: u64,
@@ -48,8 +53,13 @@ pub struct RunOptions {
 pub enum RunOutcome {
     /// Trained to `steps`; the final files are written.
     Complete(FinalMetrics),
-    /// Stopped early at `step`; `committed` is the newest committed checkpoint.
-    Stopped { step: u64, committed: Option<u64> },
+    /// Stopped early at `step` (by a signal when `preempted`); `committed` is the newest
+    /// committed checkpoint.
+    Stopped {
+        step: u64,
+        committed: Option<u64>,
+        preempted: bool,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -282,7 +292,13 @@ pub fn run(
     while tr.step < tr.cfg.steps {
         let mut report = tr.train_step()?;
         let at_end = tr.step == tr.cfg.steps;
-        let stopping = stop_at == Some(tr.step);
+        // Every rank takes part in this vote at every step, so all stop at the same step.
+        let signalled = opts
+            .stop_signal
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst));
+        let preempted = tr.comm().all_reduce_max_u64(u64::from(signalled))? == 1 && !at_end;
+        let stopping = preempted || stop_at == Some(tr.step);
         if at_end || (tr.cfg.val_every > 0 && tr.step.is_multiple_of(tr.cfg.val_every)) {
             last_val = tr.validate()?;
             report.val_loss = Some(last_val);
@@ -321,13 +337,15 @@ pub fn run(
         });
         if stopping {
             on_event(Event::Info(format!(
-                "stopped at step {}, checkpoint committed at step {}",
+                "{} at step {}, checkpoint committed at step {}",
+                if preempted { "preempted" } else { "stopped" },
                 tr.step,
                 last_commit.map_or("none".into(), |s| s.to_string())
             )));
             return Ok(RunOutcome::Stopped {
                 step: tr.step,
                 committed: last_commit,
+                preempted,
             });
         }
     }

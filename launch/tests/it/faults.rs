@@ -95,7 +95,7 @@ fn crash_at_each_point_of_a_save_then_resume_is_bit_identical() {
             "step_000000010"
         };
         assert!(
-            out.contains(&format!("resumed from")) && out.contains(from),
+            out.contains("resumed from") && out.contains(from),
             "{point}: {out}"
         );
         assert_eq!(
@@ -431,4 +431,74 @@ fn a_read_only_run_directory_fails_at_start() {
         t.contains("Read-only file system") && t.contains("run directory"),
         "{t}"
     );
+}
+
+fn signal(child: &Child, sig: i32) {
+    let st = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Waits until the run has logged at least one commit, so the signal lands mid-training.
+fn wait_for_commit(dir: &Path) {
+    let t0 = Instant::now();
+    while !dir.join("training_state.json").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no commit within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigterm_and_sigusr1_stop_at_a_committed_step_and_the_run_resumes_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 100_000);
+    let steps = 400;
+    let want = reference(tmp.path(), &data, steps);
+    for (name, sig) in [("term", 15), ("usr1", 10), ("int", 2)] {
+        let dir = tmp.path().join(name);
+        let child = tiny(&data, &dir, steps, 5)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_commit(&dir);
+        signal(&child, sig);
+        let o = child.wait_with_output().unwrap();
+        let t = text(&o);
+        assert!(o.status.success(), "{name}: {t}");
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("preempted at step"))
+            .unwrap_or_else(|| panic!("{name}: {t}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // "preempted at step N, checkpoint committed at step N"
+        assert_eq!(words[3].trim_end_matches(','), words[8], "{name}: {line}");
+        assert!(!dir.join("training_complete.marker").exists());
+        ok(tiny(&data, &dir, steps, 5));
+        assert_eq!(sha(&dir), want, "{name}: resumed run differs");
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 100_000);
+    let dir = tmp.path().join("twice");
+    // A huge save every step keeps the run busy in its final save after the first signal.
+    let mut child = tiny(&data, &dir, 1_000_000, 1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_commit(&dir);
+    signal(&child, 15);
+    signal(&child, 15);
+    let st = wait_bounded(&mut child, Duration::from_secs(30));
+    // Either the second signal ended it (128 + 15) or the first had already finished the stop.
+    assert!(st.code() == Some(143) || st.success(), "{st:?}");
 }

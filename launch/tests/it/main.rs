@@ -1,5 +1,6 @@
 //! End-to-end tests of the `lazarus` binary: real processes, real files.
 
+mod ckpt_cli;
 mod cli_errors;
 mod faults;
 mod train_runs;
