@@ -36,7 +36,7 @@ pub use format::{
     parse_step_dir_name, shard_file_name, step_dir_name, Compression, Dtype, FlatSlice, ShardInfo,
     ShardMeta, TensorRecord, TensorSpec, COMMITTED_FILE, FORMAT_NAME, FORMAT_VERSION,
 };
-pub use lock::{LockHolder, RunLock, LOCK_FILE};
+pub use lock::{lock_holder, LockHolder, RunLock, LOCK_FILE};
 pub use manager::{BoundaryReport, CheckpointManager, PENDING_SAVES_MAX};
 pub use manifest::{commit, Manifest};
 pub use restore::{

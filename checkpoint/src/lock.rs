@@ -109,6 +109,16 @@ impl Drop for RunLock {
 }
 
 /// The holder recorded in `path`; `None` if the file vanished meanwhile.
+/// Who holds the lock of `run_dir`, if anyone, and whether that process is alive (`None` when
+/// it runs on another host, where this cannot be checked). For `lazarus status`.
+pub fn lock_holder(run_dir: &Path) -> Result<Option<(LockHolder, Option<bool>)>> {
+    let Some(h) = read_holder(&run_dir.join(LOCK_FILE))? else {
+        return Ok(None);
+    };
+    let alive = (h.host == hostname()).then(|| pid_alive(h.pid));
+    Ok(Some((h, alive)))
+}
+
 fn read_holder(path: &Path) -> Result<Option<LockHolder>> {
     let bytes = match fs::read(path) {
         Ok(b) => b,

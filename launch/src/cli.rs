@@ -24,6 +24,9 @@ pub enum Command {
     Data(DataCommand),
     /// Continue a prompt with a trained model.
     Sample(SampleArgs),
+    /// Where a run stands: step, newest checkpoint, loss, speed, ETA, restarts, errors.
+    /// Exit code: 0 complete, 1 failed, 3 running, 4 stopped.
+    Status(crate::status_cmd::StatusArgs),
     /// List, verify, inspect, prune and export a run's checkpoints.
     #[command(subcommand)]
     Ckpt(crate::ckpt_cmd::CkptCommand),
@@ -189,14 +192,15 @@ pub struct SampleArgs {
     pub seed: u64,
 }
 
-/// Runs a parsed command line.
-pub fn dispatch(cli: Cli) -> Result<()> {
+/// Runs a parsed command line; returns the exit code of a command that succeeded.
+pub fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Train(args) => crate::train_cmd::train(args),
+        Command::Status(a) => crate::status_cmd::run(&a),
+        Command::Train(args) => crate::train_cmd::train(args).map(|()| 0),
         Command::Data(DataCommand::Synth { out, bytes, seed }) => {
             let (train, val) = corpus::synth(&out, seed, bytes)?;
             println!("wrote {} and {}", train.display(), val.display());
-            Ok(())
+            Ok(0)
         }
         Command::Data(DataCommand::Prepare {
             text,
@@ -214,16 +218,16 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 train.display(),
                 val.display()
             );
-            Ok(())
+            Ok(0)
         }
-        Command::Ckpt(c) => crate::ckpt_cmd::run(c),
+        Command::Ckpt(c) => crate::ckpt_cmd::run(c).map(|()| 0),
         Command::Sample(a) => {
             let w = lazarus_trainer::sample::load_final(&a.run_dir)
                 .with_context(|| format!("loading weights from {}", a.run_dir.display()))?;
             let text =
                 lazarus_trainer::sample::generate(&w, &a.prompt, a.tokens, a.temperature, a.seed)?;
             println!("{}{}", a.prompt, text);
-            Ok(())
+            Ok(0)
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod ckpt_cmd;
 mod cli;
+mod status_cmd;
 mod train_cmd;
 
 use clap::Parser;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     match cli::dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             let usage = e

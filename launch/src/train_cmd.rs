@@ -81,9 +81,27 @@ fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// Runs `lazarus train`.
+/// Runs `lazarus train`; an error that ends a run is also written to the run directory's
+/// `last_error.txt` for `lazarus status`.
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = resolve(&args)?;
+    let result = train_with(args, &cfg);
+    if let Err(e) = &result {
+        if cfg
+            .run_dir
+            .join(lazarus_trainer::train::files::CONFIG)
+            .exists()
+        {
+            let line = format!("{e:#}\n");
+            // Best effort: the error itself is what the user must see.
+            let _ = std::fs::write(cfg.run_dir.join(crate::status_cmd::LAST_ERROR_FILE), line);
+        }
+    }
+    result
+}
+
+fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
+    let cfg = cfg.clone();
     // Reject a bad configuration before anything is written to disk.
     cfg.validate(1)?;
     if args.device == DeviceArg::Cuda {

@@ -11,7 +11,7 @@ use lazarus_checkpoint::{
     CheckpointManager, Compression, Manifest, RunLock, COMMITTED_FILE,
 };
 use lazarus_comm::Communicator;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,16 +62,17 @@ pub enum RunOutcome {
     },
 }
 
-#[derive(Debug, Serialize)]
-struct ProgressFile {
-    step: u64,
-    total_steps: u64,
-    epoch: u64,
-    position: u64,
-    tokens: u64,
-    restarts: u64,
-    last_commit: Option<u64>,
-    complete: bool,
+/// Contents of `training_state.json`, rewritten by rank 0 at every commit and at the end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgressFile {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub position: u64,
+    pub tokens: u64,
+    pub restarts: u64,
+    pub last_commit: Option<u64>,
+    pub complete: bool,
 }
 
 fn write_progress(tr: &Trainer, last_commit: Option<u64>, complete: bool) -> Result<()> {

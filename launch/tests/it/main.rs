@@ -3,6 +3,7 @@
 mod ckpt_cli;
 mod cli_errors;
 mod faults;
+mod status;
 mod train_runs;
 
 use std::path::{Path, PathBuf};
