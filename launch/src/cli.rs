@@ -24,6 +24,8 @@ pub enum Command {
     Data(DataCommand),
     /// Continue a prompt with a trained model.
     Sample(SampleArgs),
+    /// Print a SLURM batch script for a preemptible partition (requeue, signal forwarding).
+    Sbatch(crate::slurm::SbatchArgs),
     /// Where a run stands: step, newest checkpoint, loss, speed, ETA, restarts, errors.
     /// Exit code: 0 complete, 1 failed, 3 running, 4 stopped.
     Status(crate::status_cmd::StatusArgs),
@@ -196,6 +198,7 @@ pub struct SampleArgs {
 pub fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Status(a) => crate::status_cmd::run(&a),
+        Command::Sbatch(a) => crate::slurm::sbatch(&a).map(|()| 0),
         Command::Train(args) => crate::train_cmd::train(args).map(|()| 0),
         Command::Data(DataCommand::Synth { out, bytes, seed }) => {
             let (train, val) = corpus::synth(&out, seed, bytes)?;

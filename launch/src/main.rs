@@ -3,6 +3,7 @@
 
 mod ckpt_cmd;
 mod cli;
+mod slurm;
 mod status_cmd;
 mod train_cmd;
 

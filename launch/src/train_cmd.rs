@@ -2,6 +2,7 @@
 //! it is missing, runs training, and prints log lines or a progress bar.
 
 use crate::cli::{DeviceArg, TrainArgs};
+use crate::slurm::SlurmTask;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lazarus_comm::SingleRank;
@@ -147,6 +148,13 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
             }
         }
     };
+    let slurm = SlurmTask::from_env()?;
+    if let Some(t) = &slurm {
+        say(format!(
+            "SLURM job {}, restart count {}, task {} of {} (local {})",
+            t.job_id, t.restart_count, t.rank, t.world_size, t.local_rank
+        ));
+    }
     let opts = RunOptions {
         resume: match args.resume.as_str() {
             "auto" => Resume::Auto,
@@ -160,6 +168,7 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
         },
         final_save_timeout_ms: args.grace_ms,
         stop_signal: Some(install_signal_handlers()?),
+        job: slurm.as_ref().map(SlurmTask::job),
     };
     let outcome = lazarus_trainer::run::run(
         cfg.clone(),

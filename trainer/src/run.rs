@@ -44,6 +44,8 @@ pub struct RunOptions {
     /// boundary, save, commit and stop, as for `stop_at`.
     pub stop_signal: Option<Arc<AtomicBool>>,
     pub parts: RestoreParts,
+    /// The scheduler's job, recorded in `training_state.json`.
+    pub job: Option<JobInfo>,
     /// Longest wait for the last save to become durable when stopping or finishing.
     pub final_save_timeout_ms: u64,
 }
@@ -73,9 +75,25 @@ pub struct ProgressFile {
     pub restarts: u64,
     pub last_commit: Option<u64>,
     pub complete: bool,
+    /// The scheduler's job, when launched by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
 }
 
-fn write_progress(tr: &Trainer, last_commit: Option<u64>, complete: bool) -> Result<()> {
+/// What the scheduler says about this job (SLURM), recorded in `training_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct JobInfo {
+    pub job_id: String,
+    /// How often the scheduler has requeued the job (SLURM_RESTART_COUNT).
+    pub restart_count: u64,
+}
+
+fn write_progress(
+    tr: &Trainer,
+    job: &Option<JobInfo>,
+    last_commit: Option<u64>,
+    complete: bool,
+) -> Result<()> {
     let c = tr.cursor();
     let p = ProgressFile {
         step: tr.step,
@@ -86,6 +104,7 @@ fn write_progress(tr: &Trainer, last_commit: Option<u64>, complete: bool) -> Res
         restarts: tr.restarts,
         last_commit,
         complete,
+        job: job.clone(),
     };
     let json = serde_json::to_vec_pretty(&p).expect("progress serialises");
     write_atomic(&tr.cfg.run_dir.join(TRAINING_STATE_FILE), &json)
@@ -216,6 +235,7 @@ fn compression(cfg: &TrainConfig) -> Compression {
 /// Reports what a step boundary did; errors out on a failed save when the user asked for that.
 fn handle_boundary(
     tr: &Trainer,
+    job: &Option<JobInfo>,
     b: BoundaryReport,
     last_commit: &mut Option<u64>,
     on_event: &mut dyn FnMut(Event),
@@ -244,7 +264,7 @@ fn handle_boundary(
     if let Some(step) = b.committed {
         *last_commit = Some(step);
         if lead {
-            write_progress(tr, Some(step), false)?;
+            write_progress(tr, job, Some(step), false)?;
         }
         on_event(Event::Info(format!("checkpoint of step {step} committed")));
     }
@@ -326,7 +346,7 @@ pub fn run(
         } else {
             mgr.step_boundary(tr.comm())?
         };
-        handle_boundary(&tr, b, &mut last_commit, on_event)?;
+        handle_boundary(&tr, &opts.job, b, &mut last_commit, on_event)?;
         if lead && logged {
             append_jsonl(&run_dir.join(files::METRICS), &report)?;
         }
@@ -353,6 +373,7 @@ pub fn run(
     let trained_tokens = (tr.samples - first_sample) * tr.cfg.seq as u64;
     finish_run(
         &tr,
+        &opts.job,
         last_report,
         last_val,
         last_commit,
@@ -382,8 +403,10 @@ fn describe(tr: &Trainer, on_event: &mut dyn FnMut(Event)) {
 }
 
 /// Writes the files of a finished run (rank 0) and returns the final metrics.
+#[allow(clippy::too_many_arguments)]
 fn finish_run(
     tr: &Trainer,
+    job: &Option<JobInfo>,
     last: Option<StepReport>,
     mut last_val: f32,
     last_commit: Option<u64>,
@@ -415,7 +438,7 @@ fn finish_run(
         write_atomic(&dir.join(files::FINAL_PARAMS), &bytes)?;
         let json = serde_json::to_vec_pretty(&fm).expect("metrics serialise");
         write_atomic(&dir.join(files::FINAL_METRICS), &json)?;
-        write_progress(tr, last_commit, true)?;
+        write_progress(tr, job, last_commit, true)?;
         write_atomic(
             &dir.join(files::COMPLETE),
             format!("step {}\n", tr.step).as_bytes(),
