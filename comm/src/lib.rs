@@ -1,7 +1,18 @@
 //! Collectives between Lazarus ranks: the `Communicator` trait, its error type, and the
-//! one-rank backend. Multi-rank backends (threads, MPI, NCCL) implement the same trait.
+//! one-rank backend. Multi-rank backends implement the same trait: `ThreadsComm` (ranks as
+//! threads of one process) and `MpiComm` (feature `mpi`, one rank per process). Sums add the
+//! ranks' contributions in rank order in every backend, so results are bit-identical.
 
 use std::time::Duration;
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+mod reduce;
+pub mod threads;
+
+#[cfg(feature = "mpi")]
+pub use crate::mpi::MpiComm;
+pub use crate::threads::ThreadsComm;
 
 /// Default deadline of a blocking collective: ten minutes.
 pub const COLLECTIVE_TIMEOUT_MS_DEFAULT: u64 = 10 * 60 * 1000;
