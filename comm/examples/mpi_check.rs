@@ -36,18 +36,17 @@ fn main() -> ExitCode {
         "hang" => hang(&comm),
         other => Err(format!("unknown mode `{other}`; use check, loop or hang")),
     };
+    let (rank, world) = (comm.rank(), comm.world_size());
+    drop(comm);
     match outcome {
         Ok(()) => {
-            println!(
-                "mpi_check: rank {} of {}: {mode} ok",
-                comm.rank(),
-                comm.world_size()
-            );
+            println!("mpi_check: rank {rank} of {world}: {mode} ok");
+            lazarus_comm::mpi::finalize();
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("mpi_check: rank {}: {e}", comm.rank());
-            ExitCode::from(if e.starts_with("wrong") { 1 } else { 2 })
+            eprintln!("mpi_check: rank {rank}: {e}");
+            lazarus_comm::mpi::abort(if e.starts_with("wrong") { 1 } else { 2 })
         }
     }
 }

@@ -507,19 +507,39 @@ fn check_parts(
     count(full).err()
 }
 
+/// MPI's environment once its `MpiComm` is gone, waiting for [`finalize`] or [`abort`].
+static PARKED_UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
+
 impl Drop for MpiComm {
     fn drop(&mut self) {
-        // SAFETY: `comm` was created by MPI_Comm_dup and is freed once, before MPI_Finalize.
-        // An error here is not actionable while dropping.
-        unsafe {
-            ffi::MPI_Comm_free(&mut self.comm.0);
-        }
-        // MPI_Finalize synchronises with the other processes and could wait for a dead one.
-        let armed = self.watchdog.arm("finalize");
-        drop(self.universe.take());
-        drop(armed);
+        // Neither the duplicated communicator nor MPI itself is released here: both are
+        // collective, and a rank dropped on an error path (its peers still waiting in some
+        // collective) would block. The process decides: `finalize()` after success, `abort()`
+        // after an error, which tears the whole job down.
+        let universe = self.universe.take();
+        *PARKED_UNIVERSE.lock().unwrap_or_else(|p| p.into_inner()) = universe;
         self.watchdog.stop();
     }
+}
+
+/// Finalizes MPI after every rank succeeded (collective; call after the `MpiComm` is dropped).
+pub fn finalize() {
+    let universe = PARKED_UNIVERSE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    drop(universe);
+}
+
+/// Ends every process of the job with `code` (MPI_Abort on MPI_COMM_WORLD): the way out after
+/// an error on one rank, whose peers may be blocked in a collective.
+pub fn abort(code: i32) -> ! {
+    // SAFETY: MPI_Abort takes the predefined world communicator and an error code; it does not
+    // return (Open MPI kills the job's processes, this one included).
+    unsafe {
+        ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code);
+    }
+    std::process::exit(code)
 }
 
 /// The deadline of MPI collectives. A rank blocked inside an MPI collective cannot be woken by

@@ -114,12 +114,29 @@ pub struct TrainArgs {
     /// Longest wait, in ms, for the last checkpoint to become durable when stopping or finishing.
     #[arg(long, default_value_t = 60_000)]
     pub grace_ms: u64,
+    /// Number of ranks in this process (threads); with `--comm mpi` the world comes from MPI.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    pub ranks: usize,
+    /// How ranks talk: `threads` (ranks in this process) or `mpi` (one process per rank, under
+    /// mpirun or srun --mpi=pmix; needs a build with the `mpi` feature).
+    #[arg(long, value_enum, default_value_t = CommArg::Threads)]
+    pub comm: CommArg,
+    /// Deadline of every collective, in ms: a dead or hung peer becomes an error after it.
+    #[arg(long, default_value_t = lazarus_comm::COLLECTIVE_TIMEOUT_MS_DEFAULT)]
+    pub collective_timeout_ms: u64,
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Never draw a progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum CommArg {
+    #[default]
+    Threads,
+    Mpi,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]

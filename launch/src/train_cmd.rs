@@ -1,14 +1,16 @@
 //! `lazarus train`: resolves the configuration (file, then flags), makes the default data when
 //! it is missing, runs training, and prints log lines or a progress bar.
 
-use crate::cli::{DeviceArg, TrainArgs};
+use crate::cli::{CommArg, DeviceArg, TrainArgs};
 use crate::slurm::SlurmTask;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use lazarus_comm::SingleRank;
+use lazarus_comm::{CommError, SingleRank, ThreadsComm};
+use lazarus_trainer::run;
 use lazarus_trainer::run::{Resume, RunOptions, RunOutcome};
 use lazarus_trainer::snapshot::RestoreParts;
 use lazarus_trainer::train::{self, Event};
+use lazarus_trainer::TrainError;
 use lazarus_trainer::{corpus, TrainConfig};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
@@ -82,6 +84,112 @@ fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Events of a rank other than 0: only its warnings are shown.
+fn warn_only(rank: usize, ev: Event) {
+    if let Event::Warn(s) = ev {
+        eprintln!("warning (rank {rank}): {s}");
+    }
+}
+
+/// Runs `n` ranks as threads of this process: rank 0 on this thread (it reports), the others on
+/// scoped threads. A rank that fails drops its communicator, so the others fail promptly; the
+/// error reported is the first that is not a consequence of another rank's failure.
+fn run_threads(
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    n: usize,
+    timeout_ms: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<RunOutcome> {
+    let mut comms = ThreadsComm::group(n, timeout_ms).into_iter();
+    let first = comms.next().expect("a group of n >= 1 ranks");
+    let results: Vec<(usize, lazarus_trainer::Result<RunOutcome>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .enumerate()
+            .map(|(i, c)| {
+                let (cfg, opts) = (cfg.clone(), opts.clone());
+                s.spawn(move || run::run(cfg, opts, Box::new(c), &mut |ev| warn_only(i + 1, ev)))
+            })
+            .collect();
+        let mut results = vec![(
+            0,
+            run::run(cfg.clone(), opts.clone(), Box::new(first), on_event),
+        )];
+        for (i, h) in handles.into_iter().enumerate() {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(TrainError::Config(format!("rank {} panicked", i + 1))));
+            results.push((i + 1, r));
+        }
+        results
+    });
+    let is_echo = |e: &TrainError| {
+        matches!(
+            e,
+            TrainError::Comm(CommError::PeerLost { .. } | CommError::Timeout { .. })
+        )
+    };
+    let mut errors: Vec<(usize, TrainError)> = Vec::new();
+    let mut outcome = None;
+    for (rank, r) in results {
+        match r {
+            Ok(o) if rank == 0 => outcome = Some(o),
+            Ok(_) => {}
+            Err(e) => errors.push((rank, e)),
+        }
+    }
+    errors.sort_by_key(|(_, e)| is_echo(e));
+    match (errors.into_iter().next(), outcome) {
+        (Some((rank, e)), _) => {
+            Err(anyhow::Error::new(e).context(format!("rank {rank} of {n} failed")))
+        }
+        (None, Some(o)) => Ok(o),
+        (None, None) => anyhow::bail!("rank 0 ended without an outcome"),
+    }
+}
+
+/// Runs this process's MPI rank. After success MPI is finalized; after an error the whole
+/// job is aborted, since the other ranks may be blocked in a collective waiting for this one.
+#[cfg(feature = "mpi")]
+fn run_mpi(
+    cfg: &TrainConfig,
+    opts: RunOptions,
+    timeout_ms: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Option<RunOutcome>> {
+    use lazarus_comm::Communicator;
+    let comm = lazarus_comm::MpiComm::init(timeout_ms).context("starting MPI")?;
+    let r = comm.rank();
+    let result = if r == 0 {
+        run::run(cfg.clone(), opts, Box::new(comm), on_event)
+    } else {
+        // Only rank 0 reports; the others show their warnings and errors.
+        run::run(cfg.clone(), opts, Box::new(comm), &mut |ev| {
+            warn_only(r, ev)
+        })
+    };
+    match result {
+        Ok(o) => {
+            lazarus_comm::mpi::finalize();
+            Ok((r == 0).then_some(o))
+        }
+        Err(e) => {
+            eprintln!("error (rank {r}): {:#}", anyhow::Error::new(e));
+            lazarus_comm::mpi::abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(
+    _: &TrainConfig,
+    _: RunOptions,
+    _: u64,
+    _: &mut dyn FnMut(Event),
+) -> Result<Option<RunOutcome>> {
+    anyhow::bail!("this build of lazarus has no MPI support: rebuild with `cargo build --release -p lazarus --features mpi` (needs Open MPI), or use --comm threads")
+}
+
 /// Runs `lazarus train`; an error that ends a run is also written to the run directory's
 /// `last_error.txt` for `lazarus status`.
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -149,7 +257,7 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
         }
     };
     let slurm = SlurmTask::from_env()?;
-    if let Some(t) = &slurm {
+    if let Some(t) = slurm.as_ref().filter(|t| t.rank == 0) {
         say(format!(
             "SLURM job {}, restart count {}, task {} of {} (local {})",
             t.job_id, t.restart_count, t.rank, t.world_size, t.local_rank
@@ -170,12 +278,25 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
         stop_signal: Some(install_signal_handlers()?),
         job: slurm.as_ref().map(SlurmTask::job),
     };
-    let outcome = lazarus_trainer::run::run(
-        cfg.clone(),
-        opts,
-        Box::new(SingleRank::new()),
-        &mut on_event,
-    )?;
+    let outcome = match args.comm {
+        CommArg::Mpi => match run_mpi(&cfg, opts, args.collective_timeout_ms, &mut on_event)? {
+            Some(o) => o,
+            None => return Ok(()),
+        },
+        CommArg::Threads if args.ranks > 1 => run_threads(
+            &cfg,
+            &opts,
+            args.ranks,
+            args.collective_timeout_ms,
+            &mut on_event,
+        )?,
+        CommArg::Threads => run::run(
+            cfg.clone(),
+            opts,
+            Box::new(SingleRank::new()),
+            &mut on_event,
+        )?,
+    };
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }

@@ -3,6 +3,9 @@
 mod ckpt_cli;
 mod cli_errors;
 mod faults;
+#[cfg(feature = "mpi")]
+mod mpi;
+pub mod ranks;
 mod status;
 mod train_runs;
 
