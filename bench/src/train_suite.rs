@@ -2,7 +2,7 @@
 
 use crate::machine::Machine;
 use anyhow::{Context, Result};
-use lazarus_comm::SingleRank;
+use lazarus_comm::{Communicator, ThreadsComm};
 use lazarus_trainer::train::Trainer;
 use lazarus_trainer::{corpus, TrainConfig};
 use serde::Serialize;
@@ -21,6 +21,9 @@ pub struct TrainArgs {
     batch: usize,
     #[arg(long, default_value_t = 64)]
     seq: usize,
+    /// Thread ranks to measure (the global batch stays the same).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    ranks: Vec<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -33,6 +36,8 @@ struct Row {
     steps: u64,
     ms_per_step_median: f64,
     tokens_per_s: f64,
+    /// tokens/s over the same model's 1-rank tokens/s in this run.
+    scaling: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,7 +47,23 @@ struct Report<'a> {
     rows: &'a [Row],
 }
 
-fn measure(model: &str, args: &TrainArgs, data: &Path) -> Result<Row> {
+/// Runs `steps + 1` steps on one rank (the first is a warm-up: it pages in data and weights)
+/// and returns the step times in ms of the measured steps.
+fn rank_steps(
+    cfg: TrainConfig,
+    comm: Box<dyn Communicator>,
+    steps: u64,
+) -> Result<(usize, Vec<f64>)> {
+    let mut tr = Trainer::new(cfg, comm)?;
+    tr.train_step()?;
+    let ms = (0..steps)
+        .map(|_| tr.train_step().map(|r| r.ms))
+        .collect::<Result<_, _>>()?;
+    Ok((tr.num_params(), ms))
+}
+
+/// Measures `model` with `ranks` thread ranks and the same global batch.
+fn measure(model: &str, ranks: usize, args: &TrainArgs, data: &Path) -> Result<Row> {
     let cfg = TrainConfig {
         model: model.into(),
         steps: args.steps + 1,
@@ -51,22 +72,34 @@ fn measure(model: &str, args: &TrainArgs, data: &Path) -> Result<Row> {
         data: data.to_path_buf(),
         ..Default::default()
     };
-    let mut tr = Trainer::new(cfg, Box::new(SingleRank::new()))?;
-    tr.train_step()?; // warm-up: page in the data and the weights
-    let mut ms: Vec<f64> = (0..args.steps)
-        .map(|_| tr.train_step().map(|r| r.ms))
-        .collect::<Result<_, _>>()?;
+    let mut comms =
+        ThreadsComm::group(ranks, lazarus_comm::COLLECTIVE_TIMEOUT_MS_DEFAULT).into_iter();
+    let first = comms.next().expect("at least one rank");
+    let (params, mut ms) = std::thread::scope(|s| {
+        let others: Vec<_> = comms
+            .map(|c| {
+                let cfg = cfg.clone();
+                s.spawn(move || rank_steps(cfg, Box::new(c), args.steps))
+            })
+            .collect();
+        let lead = rank_steps(cfg.clone(), Box::new(first), args.steps);
+        for h in others {
+            h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))??;
+        }
+        lead
+    })?;
     ms.sort_by(f64::total_cmp);
     let median = ms[ms.len() / 2];
     Ok(Row {
         model: model.into(),
-        ranks: 1,
-        params: tr.num_params(),
+        ranks,
+        params,
         batch: args.batch,
         seq: args.seq,
         steps: args.steps,
         ms_per_step_median: median,
         tokens_per_s: (args.batch * args.seq) as f64 / (median / 1e3),
+        scaling: 1.0,
     })
 }
 
@@ -75,11 +108,27 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
     corpus::synth(tmp.path(), 1, 1_000_000)?;
-    let rows: Vec<Row> = args
-        .models
-        .iter()
-        .map(|m| measure(m, args, tmp.path()))
-        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        args.ranks
+            .iter()
+            .all(|&r| r > 0 && args.batch.is_multiple_of(r)),
+        "every --ranks value must divide --batch {}",
+        args.batch
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for m in &args.models {
+        let first = rows.len();
+        for &r in &args.ranks {
+            rows.push(measure(m, r, args, tmp.path())?);
+        }
+        let base = rows[first..]
+            .iter()
+            .find(|r| r.ranks == 1)
+            .map(|r| r.tokens_per_s);
+        for row in &mut rows[first..] {
+            row.scaling = base.map_or(f64::NAN, |b| row.tokens_per_s / b);
+        }
+    }
     let machine = Machine::current();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = out.join(format!("train-{}.json", &machine.date_utc[..10]));
@@ -90,18 +139,19 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     };
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("| model | ranks | params | batch x seq | ms/step (median) | tokens/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("| model | ranks | params | batch x seq | ms/step (median) | tokens/s | vs 1 rank |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.2}M | {}x{} | {:.1} | {:.0} |",
+            "| {} | {} | {:.2}M | {}x{} | {:.1} | {:.0} | {:.2} |",
             r.model,
             r.ranks,
             r.params as f64 / 1e6,
             r.batch,
             r.seq,
             r.ms_per_step_median,
-            r.tokens_per_s
+            r.tokens_per_s,
+            r.scaling
         );
     }
     println!("wrote {}", path.display());
