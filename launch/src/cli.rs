@@ -24,6 +24,8 @@ pub enum Command {
     Data(DataCommand),
     /// Continue a prompt with a trained model.
     Sample(SampleArgs),
+    /// Supervise the ranks of one machine: restart them after a failure or hang.
+    Launch(crate::supervise::LaunchArgs),
     /// Print a SLURM batch script for a preemptible partition (requeue, signal forwarding).
     Sbatch(crate::slurm::SbatchArgs),
     /// Where a run stands: step, newest checkpoint, loss, speed, ETA, restarts, errors.
@@ -215,6 +217,7 @@ pub struct SampleArgs {
 pub fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Status(a) => crate::status_cmd::run(&a),
+        Command::Launch(a) => crate::supervise::launch(&a),
         Command::Sbatch(a) => crate::slurm::sbatch(&a).map(|()| 0),
         Command::Train(args) => crate::train_cmd::train(args).map(|()| 0),
         Command::Data(DataCommand::Synth { out, bytes, seed }) => {

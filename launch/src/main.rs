@@ -5,6 +5,7 @@ mod ckpt_cmd;
 mod cli;
 mod slurm;
 mod status_cmd;
+mod supervise;
 mod train_cmd;
 
 use clap::Parser;

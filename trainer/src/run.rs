@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 /// Sub-directory of the run directory holding checkpoints.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// Rewritten by rank 0 after every step; `lazarus launch` watches its age.
+pub const HEARTBEAT_FILE: &str = "heartbeat";
 /// File with the run's progress for `lazarus status` and people.
 pub const TRAINING_STATE_FILE: &str = "training_state.json";
 
@@ -349,6 +351,12 @@ pub fn run(
         handle_boundary(&tr, &opts.job, b, &mut last_commit, on_event)?;
         if lead && logged {
             append_jsonl(&run_dir.join(files::METRICS), &report)?;
+        }
+        if lead {
+            // The supervisor's liveness signal: a run whose heartbeat stops is hung.
+            let hb = run_dir.join(HEARTBEAT_FILE);
+            std::fs::write(&hb, format!("{}\n", tr.step))
+                .map_err(|e| TrainError::io("writing", hb, e))?;
         }
         last_report = Some(report.clone());
         on_event(Event::Step {

@@ -7,6 +7,7 @@ mod faults;
 mod mpi;
 pub mod ranks;
 mod status;
+mod supervise;
 mod train_runs;
 
 use std::path::{Path, PathBuf};

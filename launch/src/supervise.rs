@@ -1,0 +1,198 @@
+//! `lazarus launch`: the local supervisor. It runs the ranks of one machine as a child
+//! (`mpirun -np N lazarus train --comm mpi ...` in a build with MPI, else `lazarus train
+//! --ranks N ...`), forwards signals to it, notices a child that died or whose heartbeat
+//! stopped, tears it down (SIGTERM, then SIGKILL after a grace) and starts it again, which
+//! resumes from the last committed checkpoint, with bounded back-off.
+
+use anyhow::{bail, Context, Result};
+use lazarus_trainer::run::HEARTBEAT_FILE;
+use lazarus_trainer::train::files;
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Flags of `lazarus launch`.
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// Ranks on this machine.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: usize,
+    /// Restarts after a failure before giving up.
+    #[arg(long, default_value_t = 3)]
+    pub restarts_max: u32,
+    /// A run whose heartbeat is older than this is hung and restarted (0: never).
+    #[arg(long, default_value_t = 600_000)]
+    pub hang_timeout_ms: u64,
+    /// Wait between SIGTERM and SIGKILL when tearing the ranks down.
+    #[arg(long, default_value_t = 10_000)]
+    pub kill_grace_ms: u64,
+    /// Longest back-off between restarts (it doubles from 1 s).
+    #[arg(long, default_value_t = 30_000)]
+    pub backoff_max_ms: u64,
+    /// The `train ...` command line the ranks run.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// The run directory named in the train command.
+fn run_dir_of(cmd: &[String]) -> PathBuf {
+    cmd.iter()
+        .enumerate()
+        .find_map(|(i, a)| {
+            a.strip_prefix("--run-dir=").map(PathBuf::from).or_else(|| {
+                (a == "--run-dir")
+                    .then(|| cmd.get(i + 1).map(PathBuf::from))
+                    .flatten()
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("runs/default"))
+}
+
+fn child_command(args: &LaunchArgs) -> Result<Command> {
+    let me = std::env::current_exe().context("finding the lazarus binary")?;
+    let mut c = if args.nproc > 1 && cfg!(feature = "mpi") {
+        let mut c = Command::new("mpirun");
+        c.args(["--oversubscribe", "-np", &args.nproc.to_string()])
+            .arg(&me)
+            .args(&args.command)
+            .args(["--comm", "mpi"]);
+        c
+    } else {
+        let mut c = Command::new(&me);
+        c.args(&args.command);
+        if args.nproc > 1 {
+            c.args(["--ranks", &args.nproc.to_string()]);
+        }
+        c
+    };
+    c.arg("--no-progress");
+    Ok(c)
+}
+
+fn heartbeat_age(run_dir: &Path) -> Option<Duration> {
+    let m = std::fs::metadata(run_dir.join(HEARTBEAT_FILE))
+        .and_then(|m| m.modified())
+        .ok()?;
+    SystemTime::now().duration_since(m).ok()
+}
+
+fn send(child: &Child, sig: i32) {
+    // SAFETY: kill(2) only sends a signal to our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; waits for the child.
+fn tear_down(child: &mut Child, grace: Duration) {
+    send(child, SIGTERM);
+    let t0 = Instant::now();
+    while t0.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+enum Ended {
+    Exited(std::process::ExitStatus),
+    Hung,
+}
+
+/// Waits for the child to exit, forwarding signals and watching the heartbeat.
+fn watch(
+    child: &mut Child,
+    args: &LaunchArgs,
+    run_dir: &Path,
+    signal: &AtomicUsize,
+    started: SystemTime,
+) -> Result<Ended> {
+    let mut forwarded = 0;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Ended::Exited(st));
+        }
+        let sig = signal.load(Ordering::SeqCst);
+        if sig != 0 && forwarded != sig {
+            eprintln!("lazarus launch: forwarding signal {sig} to the ranks");
+            send(child, sig as i32);
+            forwarded = sig;
+        }
+        // The heartbeat counts only once this attempt has written one.
+        let fresh = std::fs::metadata(run_dir.join(HEARTBEAT_FILE))
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m >= started);
+        if args.hang_timeout_ms > 0
+            && fresh
+            && heartbeat_age(run_dir)
+                .is_some_and(|a| a > Duration::from_millis(args.hang_timeout_ms))
+        {
+            return Ok(Ended::Hung);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `lazarus launch`; returns the exit code.
+pub fn launch(args: &LaunchArgs) -> Result<u8> {
+    if args.command.first().map(String::as_str) != Some("train") {
+        bail!("the command after `--` must be a `train ...` command line");
+    }
+    if args.nproc == 0 {
+        bail!("--nproc must be positive");
+    }
+    let run_dir = run_dir_of(&args.command);
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGTERM, SIGUSR1, SIGINT] {
+        signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+            .context("installing signal handlers")?;
+    }
+    let mut failures = 0u32;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = SystemTime::now();
+        let mut child = child_command(args)?.spawn().context("starting the ranks")?;
+        let ended = watch(&mut child, args, &run_dir, &signal, started)?;
+        if run_dir.join(files::COMPLETE).exists() {
+            eprintln!("lazarus launch: training complete");
+            return Ok(0);
+        }
+        let why = match ended {
+            Ended::Hung => {
+                tear_down(&mut child, Duration::from_millis(args.kill_grace_ms));
+                format!("no heartbeat for {} ms", args.hang_timeout_ms)
+            }
+            Ended::Exited(st) if signal.load(Ordering::SeqCst) != 0 => {
+                eprintln!("lazarus launch: stopped by a signal ({st}); not restarting");
+                return Ok(if st.success() { 0 } else { 1 });
+            }
+            Ended::Exited(st) if st.success() => {
+                "the ranks stopped before the end (preempted)".to_string()
+            }
+            Ended::Exited(st) => format!("the ranks failed ({st})"),
+        };
+        if !why.contains("preempted") {
+            failures += 1;
+            if failures > args.restarts_max {
+                eprintln!(
+                    "lazarus launch: {why}; giving up after {} restarts",
+                    args.restarts_max
+                );
+                return Ok(1);
+            }
+        }
+        eprintln!(
+            "lazarus launch: {why}; restarting in {} ms (failure {failures} of at most {})",
+            backoff.as_millis(),
+            args.restarts_max
+        );
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(args.backoff_max_ms.max(1)));
+    }
+}
