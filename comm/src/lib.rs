@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+mod kind;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 mod reduce;

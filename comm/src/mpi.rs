@@ -23,6 +23,7 @@ use ::mpi::environment::Universe;
 use ::mpi::ffi;
 use ::mpi::Threading;
 
+use crate::kind::Kind;
 use crate::reduce::{chunk_range, sum_regions, Elem};
 use crate::{CommError, Communicator, Result};
 
@@ -31,34 +32,6 @@ pub const WATCHDOG_EXIT_CODE: i32 = 3;
 
 /// How long the idle watchdog sleeps before it checks for shutdown again.
 const WATCHDOG_IDLE_POLL_MS: u64 = 1_000;
-
-/// Which collective a header belongs to; all ranks must agree on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    AllReduceF32 = 1,
-    AllReduceF64,
-    ReduceScatterF32,
-    AllGatherF32,
-    Broadcast,
-    Barrier,
-    MinU64,
-    MaxU64,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::AllReduceF32 => "all_reduce_sum_f32",
-            Kind::AllReduceF64 => "all_reduce_sum_f64",
-            Kind::ReduceScatterF32 => "reduce_scatter_sum_f32",
-            Kind::AllGatherF32 => "all_gather_f32",
-            Kind::Broadcast => "broadcast_bytes",
-            Kind::Barrier => "barrier",
-            Kind::MinU64 => "all_reduce_min_u64",
-            Kind::MaxU64 => "all_reduce_max_u64",
-        }
-    }
-}
 
 /// What a rank brings to a collective; see [`MpiComm::agree`].
 struct Header {

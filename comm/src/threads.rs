@@ -19,6 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::kind::Kind;
 use crate::reduce::{chunk_range, sum_in_rank_order, Elem};
 use crate::{CommError, Communicator, Result, COLLECTIVE_TIMEOUT_MS_DEFAULT};
 
@@ -26,39 +27,6 @@ use crate::{CommError, Communicator, Result, COLLECTIVE_TIMEOUT_MS_DEFAULT};
 /// exposed the peers run only this module's copy and sum loops, so that wait cannot depend on the
 /// caller; the bound only guards against a bug.
 const EXPOSED_WAIT_MS_MIN: u64 = 60_000;
-
-/// Which collective a slot belongs to; all ranks must agree on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    AllReduceF32,
-    AllReduceF64,
-    ReduceScatterF32,
-    AllGatherF32,
-    Broadcast,
-    Barrier,
-    MinU64,
-    MaxU64,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::AllReduceF32 => "all_reduce_sum_f32",
-            Kind::AllReduceF64 => "all_reduce_sum_f64",
-            Kind::ReduceScatterF32 => "reduce_scatter_sum_f32",
-            Kind::AllGatherF32 => "all_gather_f32",
-            Kind::Broadcast => "broadcast_bytes",
-            Kind::Barrier => "barrier",
-            Kind::MinU64 => "all_reduce_min_u64",
-            Kind::MaxU64 => "all_reduce_max_u64",
-        }
-    }
-
-    /// Whether peers read this rank's buffers (and so must finish before it returns).
-    fn exposes_buffers(self) -> bool {
-        !matches!(self, Kind::Barrier | Kind::MinU64 | Kind::MaxU64)
-    }
-}
 
 /// What one rank published for one collective. Addresses are stored as integers; they are only
 /// dereferenced between a valid arrival and the departure of the generation.

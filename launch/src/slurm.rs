@@ -119,17 +119,26 @@ fn quote(s: &str) -> String {
     }
 }
 
-/// The run directory named in the train command (`--run-dir X` or `--run-dir=X`).
-fn run_dir_of(cmd: &[String]) -> Option<String> {
-    cmd.iter().enumerate().find_map(|(i, a)| {
-        a.strip_prefix("--run-dir=")
-            .map(str::to_string)
-            .or_else(|| {
-                (a == "--run-dir")
-                    .then(|| cmd.get(i + 1).cloned())
-                    .flatten()
-            })
-    })
+/// The run directory named in a train command line (`--run-dir X` or `--run-dir=X`), or the
+/// default one.
+pub fn run_dir_of(cmd: &[String]) -> String {
+    cmd.iter()
+        .enumerate()
+        .find_map(|(i, a)| {
+            a.strip_prefix("--run-dir=")
+                .map(str::to_string)
+                .or_else(|| {
+                    (a == "--run-dir")
+                        .then(|| cmd.get(i + 1).cloned())
+                        .flatten()
+                })
+        })
+        .unwrap_or_else(|| {
+            lazarus_trainer::TrainConfig::default()
+                .run_dir
+                .display()
+                .to_string()
+        })
 }
 
 /// The batch script for `args`.
@@ -137,7 +146,7 @@ pub fn script(args: &SbatchArgs, binary: &str) -> Result<String> {
     if args.command.first().map(String::as_str) != Some("train") {
         bail!("the command after `--` must be a `train ...` command line");
     }
-    let run_dir = run_dir_of(&args.command).unwrap_or_else(|| "runs/default".into());
+    let run_dir = run_dir_of(&args.command);
     let tasks = if args.gpus_per_node > 0 {
         args.gpus_per_node
     } else {
@@ -217,7 +226,7 @@ pub fn sbatch(args: &SbatchArgs) -> Result<()> {
     };
     let text = script(args, &binary.to_string_lossy())?;
     // SLURM opens the --output file inside the run directory before the script runs.
-    let run_dir = run_dir_of(&args.command).unwrap_or_else(|| "runs/default".into());
+    let run_dir = run_dir_of(&args.command);
     std::fs::create_dir_all(&run_dir).map_err(|e| {
         anyhow::anyhow!("creating the run directory {run_dir} for the job's output: {e}")
     })?;

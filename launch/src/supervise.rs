@@ -37,20 +37,6 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
-/// The run directory named in the train command.
-fn run_dir_of(cmd: &[String]) -> PathBuf {
-    cmd.iter()
-        .enumerate()
-        .find_map(|(i, a)| {
-            a.strip_prefix("--run-dir=").map(PathBuf::from).or_else(|| {
-                (a == "--run-dir")
-                    .then(|| cmd.get(i + 1).map(PathBuf::from))
-                    .flatten()
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("runs/default"))
-}
-
 fn child_command(args: &LaunchArgs) -> Result<Command> {
     let me = std::env::current_exe().context("finding the lazarus binary")?;
     let mut c = if args.nproc > 1 && cfg!(feature = "mpi") {
@@ -147,7 +133,7 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
     if args.nproc == 0 {
         bail!("--nproc must be positive");
     }
-    let run_dir = run_dir_of(&args.command);
+    let run_dir = PathBuf::from(crate::slurm::run_dir_of(&args.command));
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [SIGTERM, SIGUSR1, SIGINT] {
         signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
