@@ -42,20 +42,13 @@ fn git_commit() -> String {
         })
 }
 
-/// Civil date (UTC) of a Unix time, by Howard Hinnant's days-from-civil inverse.
+/// ISO 8601 UTC time of a Unix time.
 pub fn date_utc(unix_s: u64) -> String {
-    let days = (unix_s / 86_400) as i64;
-    let (h, m, s) = ((unix_s % 86_400) / 3600, (unix_s % 3600) / 60, unix_s % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+    let c = lazarus_trainer::clock::civil_utc(unix_s);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
 }
 
 impl Machine {

@@ -1,5 +1,6 @@
 //! The GPT-2 trainer: model over one flat parameter buffer, data loader, AdamW, schedule, loop.
 
+pub mod clock;
 pub mod config;
 pub mod corpus;
 pub mod data;
