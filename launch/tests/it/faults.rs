@@ -11,35 +11,22 @@ use std::time::{Duration, Instant};
 /// A tiny model so that each run takes a fraction of a second.
 fn tiny(data: &Path, run_dir: &Path, steps: u64, save_every: u64) -> Command {
     let mut c = lazarus();
-    c.args([
-        "train",
-        "--model",
-        "d2",
-        "--channels",
-        "32",
-        "--heads",
-        "2",
-        "--seq",
-        "16",
-        "--batch",
-        "4",
-        "--seed",
-        "7",
-    ])
-    .args([
-        "--steps",
-        &steps.to_string(),
-        "--save-every",
-        &save_every.to_string(),
-        "--log-every",
-        "1000",
-    ])
-    .args([
-        "--data",
-        data.to_str().unwrap(),
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ]);
+    c.args(TINY_TRAIN)
+        .args(["--seed", "7"])
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--save-every",
+            &save_every.to_string(),
+            "--log-every",
+            "1000",
+        ])
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ]);
     c
 }
 

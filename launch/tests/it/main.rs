@@ -18,6 +18,21 @@ pub fn lazarus() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lazarus"))
 }
 
+/// `train` with a model small enough that a run takes a fraction of a second.
+pub const TINY_TRAIN: [&str; 11] = [
+    "train",
+    "--model",
+    "d2",
+    "--channels",
+    "32",
+    "--heads",
+    "2",
+    "--seq",
+    "16",
+    "--batch",
+    "4",
+];
+
 /// Runs the binary with `args`, returning its output.
 pub fn run(args: &[&str]) -> Output {
     lazarus().args(args).output().expect("spawn lazarus")

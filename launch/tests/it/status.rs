@@ -6,28 +6,16 @@ use std::time::{Duration, Instant};
 
 fn tiny(data: &Path, dir: &Path, extra: &[&str]) -> Command {
     let mut c = lazarus();
-    c.args([
-        "train",
-        "--model",
-        "d2",
-        "--channels",
-        "32",
-        "--heads",
-        "2",
-        "--seq",
-        "16",
-        "--batch",
-        "4",
-    ])
-    .args([
-        "--data",
-        data.to_str().unwrap(),
-        "--run-dir",
-        dir.to_str().unwrap(),
-        "--save-every",
-        "10",
-    ])
-    .args(extra);
+    c.args(TINY_TRAIN)
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--save-every",
+            "10",
+        ])
+        .args(extra);
     c
 }
 

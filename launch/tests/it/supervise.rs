@@ -6,26 +6,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn train_args(data: &Path, dir: &Path, steps: u64) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "train",
-        "--model",
-        "d2",
-        "--channels",
-        "32",
-        "--heads",
-        "2",
-        "--seq",
-        "16",
-        "--batch",
-        "4",
-        "--save-every",
-        "20",
-        "--log-every",
-        "1000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut v: Vec<String> = TINY_TRAIN
+        .iter()
+        .chain(&["--save-every", "20", "--log-every", "1000"])
+        .map(|s| s.to_string())
+        .collect();
     v.extend([
         "--steps".into(),
         steps.to_string(),
