@@ -106,6 +106,14 @@ fn checkpoint_root(run_dir: &Path) -> Result<PathBuf> {
     if nested.is_dir() {
         return Ok(nested);
     }
+    let stages = run_dir.join(lazarus_trainer::config::STAGES_DIR);
+    if stages.is_dir() {
+        bail!(
+            "`{}` is a run with stages, whose checkpoints are in each stage's directory: give `{}/NAME` (`lazarus train --list-stages` names them)",
+            run_dir.display(),
+            stages.display()
+        );
+    }
     let holds_steps = !list_checkpoints(run_dir).unwrap_or_default().is_empty();
     Ok(if holds_steps {
         run_dir.to_path_buf()
@@ -381,6 +389,14 @@ fn print_state(s: &TrainingState) {
         "training      step {} of {}, {} tokens ({} samples; epoch {}, position {}), lr {:.3e}, {} restarts",
         s.step, s.total_steps, s.tokens, s.samples, s.epoch, s.position, s.lr, s.restarts
     );
+    if let Some(st) = &s.stage {
+        println!(
+            "stage         {} of {} `{}`",
+            st.index + 1,
+            st.count,
+            st.name
+        );
+    }
     println!(
         "model         {} layers, {} heads, {} channels, vocab {} (padded {}), block size {}; {} parameters",
         md.layers,

@@ -1,6 +1,6 @@
 //! Command-line definitions and dispatch.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lazarus_trainer::corpus::{self, Tokenizer};
 use std::path::PathBuf;
@@ -22,8 +22,10 @@ pub enum Command {
     /// Make token files.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Continue a prompt with a trained model.
+    /// Continue a prompt with a trained model (final weights, or a checkpoint).
     Sample(SampleArgs),
+    /// Validation loss and bits per byte of a checkpoint on held-out data.
+    Eval(crate::eval_cmd::EvalArgs),
     /// Supervise the ranks of one machine: restart them after a failure or hang.
     Launch(crate::supervise::LaunchArgs),
     /// Print a SLURM batch script for a preemptible partition (requeue, signal forwarding).
@@ -132,6 +134,34 @@ pub struct TrainArgs {
     /// Never draw a progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+    /// Rows of the position embedding, the longest sequence the model takes (default: --seq,
+    /// or the longest stage's).
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_usize)]
+    pub block_size: Option<usize>,
+    /// Seconds between live stats (a log line and a metrics.jsonl record); 0: none [default: 30].
+    #[arg(long)]
+    pub stats_interval_s: Option<u64>,
+    /// Peak of the training device in TFLOP/s, for MFU in the live stats (default: the bf16
+    /// peak of a known GPU that trains).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// With [[stages]] in the config: run only this stage.
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Print the config's stages and where each stands, then exit.
+    #[arg(long)]
+    pub list_stages: bool,
+    /// Check config, data, run directory and device; estimate memory per rank, checkpoint size
+    /// and time per step; exit without training (1 if a check fails or the batch does not fit).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Memory the dry run holds the estimate against, in GiB (default: the host's available
+    /// memory, bounded by the cgroup limit).
+    #[arg(long)]
+    pub memory_budget_gib: Option<f64>,
+    /// Steps the dry run trains (in memory only) to estimate the time per step; 0: none.
+    #[arg(long, default_value_t = 3)]
+    pub dry_run_steps: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
@@ -198,9 +228,15 @@ pub enum TokenizerArg {
 /// Flags of `lazarus sample`.
 #[derive(Debug, Args)]
 pub struct SampleArgs {
-    /// Run directory of a finished run.
+    /// Run directory (of a finished run, unless --checkpoint or --stage picks a checkpoint).
     #[arg(long)]
     pub run_dir: PathBuf,
+    /// Take the weights of this committed checkpoint step instead of the final weights.
+    #[arg(long)]
+    pub checkpoint: Option<u64>,
+    /// In a run with stages: take the checkpoint from this stage (default: the last that has one).
+    #[arg(long)]
+    pub stage: Option<String>,
     #[arg(long, default_value = "")]
     pub prompt: String,
     /// Tokens to generate.
@@ -244,13 +280,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Ckpt(c) => crate::ckpt_cmd::run(c).map(|()| 0),
-        Command::Sample(a) => {
-            let w = lazarus_trainer::sample::load_final(&a.run_dir)
-                .with_context(|| format!("loading weights from {}", a.run_dir.display()))?;
-            let text =
-                lazarus_trainer::sample::generate(&w, &a.prompt, a.tokens, a.temperature, a.seed)?;
-            println!("{}{}", a.prompt, text);
-            Ok(0)
-        }
+        Command::Sample(a) => crate::eval_cmd::sample(&a).map(|()| 0),
+        Command::Eval(a) => crate::eval_cmd::eval(&a).map(|()| 0),
     }
 }

@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use lazarus_trainer::checkpoint::{list_checkpoints, lock_holder};
-use lazarus_trainer::run::{ProgressFile, CHECKPOINTS_DIR, TRAINING_STATE_FILE};
+use lazarus_trainer::config::STAGES_DIR;
+use lazarus_trainer::run::{ProgressFile, StageProgress, CHECKPOINTS_DIR, TRAINING_STATE_FILE};
 use lazarus_trainer::train::{files, StepReport};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -62,8 +63,11 @@ impl RunState {
 pub struct Status {
     pub run_dir: PathBuf,
     pub state: RunState,
+    /// Steps done and the length of the run (of all stages together in a run with stages).
     pub step: u64,
     pub total_steps: u64,
+    /// The stage in progress, in a run with stages.
+    pub stage: Option<StageProgress>,
     pub tokens: u64,
     pub restarts: u64,
     pub newest_commit: Option<u64>,
@@ -125,9 +129,19 @@ pub fn read_status(dir: &Path) -> Result<Status> {
     let progress: Option<ProgressFile> = std::fs::read(dir.join(TRAINING_STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let metrics = recent_metrics(dir);
+    let stage = progress.as_ref().and_then(|p| p.stage.clone());
+    // A run with stages keeps metrics and checkpoints in the directory of the current stage,
+    // numbering its steps from 1; `offset` turns them into steps of the whole run.
+    let (work_dir, offset) = match (&stage, &progress) {
+        (Some(s), Some(p)) => (
+            dir.join(STAGES_DIR).join(&s.name),
+            p.step.saturating_sub(s.step),
+        ),
+        _ => (dir.to_path_buf(), 0),
+    };
+    let metrics = recent_metrics(&work_dir);
     let last = metrics.last();
-    let commits: Vec<_> = list_checkpoints(&dir.join(CHECKPOINTS_DIR))?
+    let commits: Vec<_> = list_checkpoints(&work_dir.join(CHECKPOINTS_DIR))?
         .into_iter()
         .filter_map(|e| e.manifest().cloned())
         .collect();
@@ -155,8 +169,12 @@ pub fn read_status(dir: &Path) -> Result<Status> {
         RunState::Stopped
     };
     let step = last
-        .map_or(0, |r| r.step)
+        .map_or(0, |r| offset + r.step)
         .max(progress.as_ref().map_or(0, |p| p.step));
+    let stage = stage.map(|s| StageProgress {
+        step: step - offset,
+        ..s
+    });
     let total_steps = progress.as_ref().map_or(0, |p| p.total_steps);
     let mut ms: Vec<f64> = metrics.iter().map(|r| r.ms).collect();
     ms.sort_by(f64::total_cmp);
@@ -167,6 +185,7 @@ pub fn read_status(dir: &Path) -> Result<Status> {
         state,
         step,
         total_steps,
+        stage,
         tokens: progress.as_ref().map_or(0, |p| p.tokens),
         restarts: progress.as_ref().map_or(0, |p| p.restarts),
         newest_commit: newest.map(|m| m.step),
@@ -205,6 +224,16 @@ fn print_text(s: &Status) {
     println!("run        {}", s.run_dir.display());
     println!("state      {:?}", s.state);
     println!("step       {} of {}", s.step, s.total_steps);
+    if let Some(st) = &s.stage {
+        println!(
+            "stage      {} of {} `{}`, step {} of {}",
+            st.index + 1,
+            st.count,
+            st.name,
+            st.step,
+            st.steps
+        );
+    }
     println!("tokens     {}", s.tokens);
     println!(
         "checkpoint {}",

@@ -130,7 +130,52 @@ pub struct TrainConfig {
     pub ckpt_compress: String,
     /// Stop training when a checkpoint cannot be saved (default: log it and go on).
     pub ckpt_fail_fast: bool,
+    /// maxT: rows of the position embedding. By default the sequence length, or with stages
+    /// the longest stage's, so that every stage trains the same parameter layout.
+    pub block_size: Option<usize>,
+    /// Seconds between live stats records (a log line and a metrics.jsonl record); 0: none.
+    pub stats_interval_s: u64,
+    /// Peak of the training device in TFLOP/s, for MFU; by default known GPUs' bf16 dense peak.
+    pub peak_tflops: Option<f64>,
+    /// Curriculum stages, run in order; empty for a run of one stage.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageConfig>,
 }
+
+/// What a stage after the first takes from the previous stage's final checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitFrom {
+    /// The weights; AdamW's moments start at zero.
+    Weights,
+    /// The weights and AdamW's moments (and its step count, for bias correction).
+    #[default]
+    WeightsAndOptimizer,
+}
+
+/// One curriculum stage: its own length, shape, schedule and data. Keys left out take the
+/// top-level value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// The stage's name: letters, digits, `-` and `_`; also its directory under `stages/`.
+    pub name: String,
+    /// Optimizer steps of the stage; its schedule spans them.
+    pub steps: u64,
+    pub seq: Option<usize>,
+    pub batch: Option<usize>,
+    pub accum: Option<usize>,
+    pub lr: Option<f32>,
+    pub min_lr_frac: Option<f32>,
+    pub warmup_steps: Option<u64>,
+    pub weight_decay: Option<f32>,
+    pub data: Option<PathBuf>,
+    /// What the stage takes from the previous stage's final checkpoint (not for the first).
+    pub init_from: Option<InitFrom>,
+}
+
+/// Longest stage name (it names a directory).
+pub const STAGE_NAME_LEN_MAX: usize = 64;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -162,6 +207,10 @@ impl Default for TrainConfig {
             keep_last: 3,
             ckpt_compress: "none".into(),
             ckpt_fail_fast: false,
+            block_size: None,
+            stats_interval_s: 30,
+            peak_tflops: None,
+            stages: Vec::new(),
         }
     }
 }
@@ -172,7 +221,14 @@ impl TrainConfig {
         let text =
             std::fs::read_to_string(path).map_err(|e| TrainError::io("reading config", path, e))?;
         toml::from_str(&text).map_err(|e| {
-            TrainError::Config(format!("{}: {}", path.display(), e.to_string().trim()))
+            // One line: the file, the line and column, and what is wrong there.
+            let at = e.span().map_or(String::new(), |r| {
+                let before = &text[..r.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(":{line}:{col}")
+            });
+            TrainError::Config(format!("{}{at}: {}", path.display(), e.message().trim()))
         })
     }
 
@@ -191,7 +247,7 @@ impl TrainConfig {
             channels: self.channels.unwrap_or(c),
             vocab,
             padded_vocab: pad_vocab(vocab),
-            block_size: self.seq,
+            block_size: self.block_size.unwrap_or(self.seq),
         };
         m.validate()?;
         Ok(m)
@@ -231,9 +287,122 @@ impl TrainConfig {
         if self.log_every == 0 {
             return bad("log_every must be positive".into());
         }
+        if let Some(bs) = self.block_size.filter(|&bs| bs < self.seq) {
+            return bad(format!(
+                "seq ({}) is longer than block_size ({bs}), the model's longest sequence",
+                self.seq
+            ));
+        }
+        if self
+            .peak_tflops
+            .is_some_and(|p| !(p.is_finite() && p > 0.0))
+        {
+            return bad("peak_tflops must be a positive number".into());
+        }
+        if !self.stages.is_empty() {
+            self.validate_stages(world_size)?;
+        }
+        Ok(())
+    }
+
+    /// Index of the stage called `name`, or an error listing the stages.
+    pub fn stage_index(&self, name: &str) -> Result<usize> {
+        if self.stages.is_empty() {
+            return Err(TrainError::Config(format!(
+                "stage `{name}` asked for, but the config has no [[stages]]"
+            )));
+        }
+        self.stages
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+                TrainError::Config(format!(
+                    "unknown stage `{name}`: the config has stages {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// The block size every stage's model is built with: `block_size`, else the longest
+    /// stage's sequence.
+    pub fn stages_block_size(&self) -> usize {
+        self.block_size.unwrap_or_else(|| {
+            self.stages
+                .iter()
+                .map(|s| s.seq.unwrap_or(self.seq))
+                .max()
+                .unwrap_or(self.seq)
+        })
+    }
+
+    /// The configuration of stage `i` as a run of its own: the top-level keys with the stage's
+    /// on top, the shared block size, and the run directory `run_dir/stages/<name>`.
+    pub fn stage_config(&self, i: usize) -> TrainConfig {
+        let s = &self.stages[i];
+        let mut c = self.clone();
+        c.stages = Vec::new();
+        c.steps = s.steps;
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = s.$f.clone() { c.$f = v; } )* };
+        }
+        take!(
+            seq,
+            batch,
+            accum,
+            lr,
+            min_lr_frac,
+            warmup_steps,
+            weight_decay,
+            data
+        );
+        c.block_size = Some(self.stages_block_size());
+        c.run_dir = self.run_dir.join(STAGES_DIR).join(&s.name);
+        c
+    }
+
+    /// Total optimizer steps over all stages.
+    pub fn stages_total_steps(&self) -> u64 {
+        self.stages.iter().map(|s| s.steps).sum()
+    }
+
+    fn validate_stages(&self, world_size: usize) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        for (i, s) in self.stages.iter().enumerate() {
+            let n = &s.name;
+            let ok_chars = n
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+            if n.is_empty() || n.len() > STAGE_NAME_LEN_MAX || !ok_chars {
+                return bad(format!(
+                    "stage {} has the name `{n}`: use 1 to {STAGE_NAME_LEN_MAX} letters, digits, `-` or `_`",
+                    i + 1
+                ));
+            }
+            if self.stages[..i].iter().any(|o| &o.name == n) {
+                return bad(format!("two stages are named `{n}`"));
+            }
+            if i == 0 && s.init_from.is_some() {
+                return bad(format!(
+                    "stage `{n}` is the first stage, so it has no previous stage to init_from"
+                ));
+            }
+            if s.steps == 0 {
+                return bad(format!("stage `{n}`: steps must be positive"));
+            }
+            self.stage_config(i)
+                .validate(world_size)
+                .map_err(|e| match e {
+                    TrainError::Config(m) => TrainError::Config(format!("stage `{n}`: {m}")),
+                    other => other,
+                })?;
+        }
         Ok(())
     }
 }
+
+/// Sub-directory of a staged run's directory that holds one run directory per stage.
+pub const STAGES_DIR: &str = "stages";
 
 #[cfg(test)]
 mod tests {
@@ -272,6 +441,77 @@ mod tests {
         let back: TrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(back, cfg);
         assert!(toml::from_str::<TrainConfig>("stepz = 3").is_err());
+    }
+
+    #[test]
+    fn stages_resolve_over_the_top_level_and_share_a_block_size() {
+        let text = r#"
+            model = "d2"
+            seq = 32
+            batch = 8
+            lr = 1e-3
+            run_dir = "r"
+            [[stages]]
+            name = "a"
+            steps = 10
+            [[stages]]
+            name = "b"
+            steps = 5
+            seq = 128
+            batch = 2
+            lr = 3e-4
+            init_from = "weights"
+        "#;
+        let cfg: TrainConfig = toml::from_str(text).unwrap();
+        cfg.validate(1).unwrap();
+        assert_eq!(cfg.stages_block_size(), 128);
+        assert_eq!(cfg.stages_total_steps(), 15);
+        let (a, b) = (cfg.stage_config(0), cfg.stage_config(1));
+        assert_eq!((a.steps, a.seq, a.batch, a.lr), (10, 32, 8, 1e-3));
+        assert_eq!((b.steps, b.seq, b.batch, b.lr), (5, 128, 2, 3e-4));
+        assert!(a.stages.is_empty() && b.stages.is_empty());
+        assert_eq!(a.run_dir, PathBuf::from("r/stages/a"));
+        // Both stages build the same layout.
+        assert_eq!(a.model_config(256).unwrap(), b.model_config(256).unwrap());
+        assert_eq!(a.model_config(256).unwrap().block_size, 128);
+        assert_eq!(cfg.stages[1].init_from, Some(InitFrom::Weights));
+        assert_eq!(cfg.stage_index("b").unwrap(), 1);
+        let e = cfg.stage_index("c").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown stage `c`: the config has stages a, b"),
+            "{e}"
+        );
+        // The resolved config, with its stages, round-trips through TOML.
+        let back: TrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+        // A run without stages keeps its block size at its sequence length.
+        let plain = TrainConfig::default();
+        assert_eq!(plain.model_config(256).unwrap().block_size, plain.seq);
+        let bad = |f: &dyn Fn(&mut TrainConfig)| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            c.validate(1).unwrap_err().to_string()
+        };
+        assert!(bad(&|c| c.stages[1].name = "a".into()).contains("two stages are named `a`"));
+        assert!(bad(&|c| c.stages[0].steps = 0).contains("stage `a`: steps must be positive"));
+        assert!(bad(&|c| c.stages[1].accum = Some(0)).contains("stage `b`: seq, batch and accum"));
+        assert!(bad(&|c| c.block_size = Some(64)).contains("stage `b`: seq (128)"));
+        let e = bad(&|c| c.stages[0].init_from = Some(InitFrom::Weights));
+        assert!(e.contains("first stage"), "{e}");
+        let mut odd = cfg.clone();
+        odd.stages[1].batch = Some(3);
+        let e = odd.validate(2).unwrap_err().to_string();
+        assert!(e.contains("stage `b`: batch (3)"), "{e}");
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_place() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "steps = 3\n[[stages]]\nname = \"a\"\nstepz = 2\n").unwrap();
+        let e = TrainConfig::from_toml_file(&p).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains("c.toml:"), "{e}");
+        assert!(e.contains("unknown field `stepz`"), "{e}");
     }
 
     #[test]

@@ -201,7 +201,11 @@ pub fn hf_config(model: &ModelConfig) -> serde_json::Value {
 
 /// Refuses a checkpoint whose parameters this build cannot interpret: a layout hash that is not
 /// the one of the state's model shape, or a `params` array of another length or dtype.
-fn check_checkpoint(ckpt: &OpenCheckpoint, state: &TrainingState, layout: &Layout) -> Result<()> {
+pub(crate) fn check_checkpoint(
+    ckpt: &OpenCheckpoint,
+    state: &TrainingState,
+    layout: &Layout,
+) -> Result<()> {
     let manifest = ckpt.manifest();
     let at = ckpt.dir().join(COMMITTED_FILE);
     let hash = layout.hash();
@@ -246,7 +250,7 @@ fn bad(detail: String) -> TrainError {
 }
 
 /// Elements `range` of the checkpoint's flat parameter array.
-fn read_params(ckpt: &OpenCheckpoint, range: Range<usize>) -> Result<Vec<f32>> {
+pub(crate) fn read_params(ckpt: &OpenCheckpoint, range: Range<usize>) -> Result<Vec<f32>> {
     let mut bytes = vec![0u8; range.len() * 4];
     ckpt.read_flat(PARAMS, range.start as u64, &mut bytes)?;
     Ok(bytes

@@ -130,6 +130,86 @@ impl Gpt {
         }
     }
 
+    /// Number of f32 values `Gpt::new(config, max_b, max_t, training)` allocates: the memory
+    /// estimate of `--dry-run` uses it, and a test holds it to the real allocation.
+    pub fn buffer_floats(
+        config: &ModelConfig,
+        max_b: usize,
+        max_t: usize,
+        training: bool,
+    ) -> usize {
+        let (c, nh, vp, l) = (
+            config.channels,
+            config.heads,
+            config.padded_vocab,
+            config.layers,
+        );
+        let bt = max_b * max_t;
+        let att = max_b * nh * max_t * max_t;
+        // Per block: ln1, atty, attproj, res2, ln2, fcproj, res3 (C each), qkv (3C), fch and
+        // fch_gelu (4C each); four (B,T) statistics; the attention matrix.
+        let block = bt * c * 18 + bt * 4 + att;
+        // encoded, lnf (C); lnf statistics and losses (B,T); logits (Vp); preatt.
+        let forward = bt * c * 2 + bt * 3 + bt * vp + att;
+        // dres, dln, datty (C), dqkv (3C), dfch and dfch_gelu (4C); dpreatt and datt.
+        let backward = if training { bt * c * 14 + 2 * att } else { 0 };
+        l * block + forward + backward
+    }
+
+    /// Number of f32 values this model's buffers hold.
+    pub fn allocated_floats(&self) -> usize {
+        let b = |a: &BlockActs| {
+            [
+                &a.ln1,
+                &a.ln1_mean,
+                &a.ln1_rstd,
+                &a.qkv,
+                &a.atty,
+                &a.att,
+                &a.attproj,
+                &a.res2,
+                &a.ln2,
+                &a.ln2_mean,
+                &a.ln2_rstd,
+                &a.fch,
+                &a.fch_gelu,
+                &a.fcproj,
+                &a.res3,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+        };
+        let sc = self.scratch.as_ref().map_or(0, |s| {
+            [
+                &s.preatt,
+                &s.dres,
+                &s.dln,
+                &s.datty,
+                &s.dqkv,
+                &s.dpreatt,
+                &s.datt,
+                &s.dfch,
+                &s.dfch_gelu,
+            ]
+            .iter()
+            .map(|v| v.len())
+            .sum()
+        });
+        let own = [
+            &self.encoded,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.losses,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>();
+        self.blocks.iter().map(b).sum::<usize>() + sc + own
+    }
+
     /// Forward pass over `inputs` (B,T); leaves the logits (B,T,Vp) in place.
     pub fn forward(&mut self, params: &[f32], inputs: &[u32], b: usize, t: usize) {
         assert!(b <= self.max_b && t <= self.max_t && inputs.len() == b * t);

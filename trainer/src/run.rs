@@ -5,6 +5,8 @@
 use crate::config::{ModelConfig, TrainConfig};
 use crate::error::{Result, TrainError};
 use crate::snapshot::{self, RestoreParts};
+use crate::state::{StageTag, TrainingState};
+use crate::stats::StatsMeter;
 use crate::train::{append_jsonl, files, write_atomic, Event, FinalMetrics, StepReport, Trainer};
 use lazarus_checkpoint::{
     discard_newer_than, discover_committed, open_verified, restore_agreed, BoundaryReport,
@@ -50,6 +52,37 @@ pub struct RunOptions {
     pub job: Option<JobInfo>,
     /// Longest wait for the last save to become durable when stopping or finishing.
     pub final_save_timeout_ms: u64,
+    /// Run only this stage of a staged config (`--stage NAME`).
+    pub only_stage: Option<String>,
+    /// Set by the staged runner for each stage: which stage, and the whole run.
+    pub stage: Option<StageContext>,
+    /// Where a start without a usable checkpoint of its own takes its state from (a stage after
+    /// the first: the previous stage's final checkpoint); `None`: a fresh initialisation.
+    pub init_from: Option<InitSource>,
+}
+
+/// Which stage of a staged run an invocation of [`run`] trains.
+#[derive(Debug, Clone)]
+pub struct StageContext {
+    pub tag: StageTag,
+    /// The directory of the whole run: its heartbeat and overall progress live there.
+    pub parent: PathBuf,
+    /// Steps and tokens of the stages before this one.
+    pub steps_before: u64,
+    pub tokens_before: u64,
+    /// Steps of all stages together.
+    pub steps_total: u64,
+}
+
+/// The checkpoint a stage starts from when it has none of its own.
+#[derive(Debug, Clone)]
+pub struct InitSource {
+    /// The committed checkpoint directory, or why there is none.
+    pub checkpoint: std::result::Result<PathBuf, String>,
+    /// What it is, for the log: "the final checkpoint of stage `a` (step 100)".
+    pub what: String,
+    /// AdamW's moments too, or the weights only.
+    pub with_optimizer: bool,
 }
 
 /// How a run ended.
@@ -80,6 +113,22 @@ pub struct ProgressFile {
     /// The scheduler's job, when launched by one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobInfo>,
+    /// The stage in progress, in a run with stages; `step` and `total_steps` then count the
+    /// steps of all stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<StageProgress>,
+}
+
+/// Where a run with stages stands within its current stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StageProgress {
+    /// 0-based position in the config's `[[stages]]`.
+    pub index: usize,
+    pub count: usize,
+    pub name: String,
+    /// Steps done in this stage, and its length.
+    pub step: u64,
+    pub steps: u64,
 }
 
 /// What the scheduler says about this job (SLURM), recorded in `training_state.json`.
@@ -90,13 +139,27 @@ pub struct JobInfo {
     pub restart_count: u64,
 }
 
+/// Writes `training_state.json` into `dir` atomically.
+pub fn write_progress_file(dir: &Path, p: &ProgressFile) -> Result<()> {
+    let json = serde_json::to_vec_pretty(p).expect("progress serialises");
+    write_atomic(&dir.join(TRAINING_STATE_FILE), &json)
+}
+
+/// Rank 0: the run directory's `training_state.json`, and in a stage also the whole run's.
 fn write_progress(
     tr: &Trainer,
-    job: &Option<JobInfo>,
+    opts: &RunOptions,
     last_commit: Option<u64>,
     complete: bool,
 ) -> Result<()> {
     let c = tr.cursor();
+    let stage = opts.stage.as_ref().map(|s| StageProgress {
+        index: s.tag.index,
+        count: s.tag.count,
+        name: s.tag.name.clone(),
+        step: tr.step,
+        steps: tr.cfg.steps,
+    });
     let p = ProgressFile {
         step: tr.step,
         total_steps: tr.cfg.steps,
@@ -106,10 +169,21 @@ fn write_progress(
         restarts: tr.restarts,
         last_commit,
         complete,
-        job: job.clone(),
+        job: opts.job.clone(),
+        stage,
     };
-    let json = serde_json::to_vec_pretty(&p).expect("progress serialises");
-    write_atomic(&tr.cfg.run_dir.join(TRAINING_STATE_FILE), &json)
+    write_progress_file(&tr.cfg.run_dir, &p)?;
+    if let Some(s) = &opts.stage {
+        let whole = ProgressFile {
+            step: s.steps_before + p.step,
+            total_steps: s.steps_total,
+            tokens: s.tokens_before + p.tokens,
+            complete: false,
+            ..p
+        };
+        write_progress_file(&s.parent, &whole)?;
+    }
+    Ok(())
 }
 
 /// Creates the run directory, checks that it is writable, and writes the resolved config and
@@ -122,14 +196,16 @@ pub fn prepare_run_dir(dir: &Path, cfg: &TrainConfig, model: &ModelConfig) -> Re
     write_atomic(&dir.join(files::MODEL), &model_json)
 }
 
-/// Keeps only the metrics records up to `step` (a resumed run logs the later steps again).
+/// Keeps only the metrics records (steps and stats) up to `step`: a resumed run logs the later
+/// steps again, and a fresh start all of them.
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
+    let step_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64();
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<StepReport>(l).is_ok_and(|r| r.step <= step))
+        .filter(|l| step_of(l).is_some_and(|s| s <= step))
         .flat_map(|l| [l, "\n"])
         .collect();
     write_atomic(path, kept.as_bytes())
@@ -155,8 +231,7 @@ fn resume(
                 discard_newer_than(root, None)?;
             }
             tr.comm().barrier()?;
-            on_event(Event::Info("starting fresh (--resume never)".into()));
-            return Ok(());
+            return init_or_fresh(tr, opts, "--resume never", on_event);
         }
         Resume::Auto => {
             let out = restore_agreed(root, tr.comm(), &|m: &Manifest| {
@@ -174,15 +249,12 @@ fn resume(
                     snapshot::restore(tr, &ck, opts.parts).map(|s| (s, ck.dir().to_path_buf()))?
                 }
                 None => {
-                    on_event(Event::Info(format!(
-                        "no usable committed checkpoint in {}: starting fresh",
-                        root.display()
-                    )));
-                    return Ok(());
+                    let why = format!("no usable committed checkpoint in {}", root.display());
+                    return init_or_fresh(tr, opts, &why, on_event);
                 }
             }
         }
-        Resume::Path(p) => resume_from_path(tr, opts, p, root)?,
+        Resume::Path(p) => resume_from_path(tr, opts.parts, p, root)?,
     };
     let (state, dir) = restored;
     if lead {
@@ -199,12 +271,48 @@ fn resume(
     Ok(())
 }
 
-fn resume_from_path(
+/// A start without a checkpoint of the run's own: from `opts.init_from` (a stage's previous
+/// stage), or fresh. Either way the run starts at step 0, so earlier metrics records go.
+fn init_or_fresh(
     tr: &mut Trainer,
     opts: &RunOptions,
+    why: &str,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    if tr.comm().rank() == 0 {
+        truncate_metrics(&tr.cfg.run_dir.join(files::METRICS), 0)?;
+    }
+    let Some(init) = &opts.init_from else {
+        on_event(Event::Info(format!("{why}: starting fresh")));
+        return Ok(());
+    };
+    let path = init.checkpoint.clone().map_err(TrainError::Resume)?;
+    let parts = RestoreParts {
+        skip_optimizer: !init.with_optimizer,
+        reset_schedule: true,
+    };
+    let (state, _) = resume_from_path(tr, parts, &path, &tr.cfg.run_dir.join(CHECKPOINTS_DIR))?;
+    // Starting the next stage is not a restart.
+    tr.restarts = state.restarts;
+    on_event(Event::Info(format!(
+        "{why}: starting from {} ({}): the weights{}",
+        init.what,
+        path.display(),
+        if init.with_optimizer {
+            " and AdamW's moments"
+        } else {
+            "; AdamW's moments start at zero"
+        }
+    )));
+    Ok(())
+}
+
+fn resume_from_path(
+    tr: &mut Trainer,
+    parts: RestoreParts,
     p: &Path,
     root: &Path,
-) -> Result<(crate::state::TrainingState, PathBuf)> {
+) -> Result<(TrainingState, PathBuf)> {
     let verdict = Manifest::read(&p.join(COMMITTED_FILE))
         .and_then(|m| open_verified(p, &m, &snapshot::shards_needed(tr, &m)));
     let all_ok = tr.comm().all_reduce_min_u64(u64::from(verdict.is_ok()))? == 1;
@@ -218,7 +326,7 @@ fn resume_from_path(
         }
         Err(e) => return Err(TrainError::Resume(format!("{}: {e}", p.display()))),
     };
-    let state = snapshot::restore(tr, &ck, opts.parts)?;
+    let state = snapshot::restore(tr, &ck, parts)?;
     if tr.comm().rank() == 0 && p.parent() == Some(root) {
         // Resuming from an older checkpoint of this run abandons the newer ones.
         discard_newer_than(root, Some(state.step))?;
@@ -237,7 +345,7 @@ fn compression(cfg: &TrainConfig) -> Compression {
 /// Reports what a step boundary did; errors out on a failed save when the user asked for that.
 fn handle_boundary(
     tr: &Trainer,
-    job: &Option<JobInfo>,
+    opts: &RunOptions,
     b: BoundaryReport,
     last_commit: &mut Option<u64>,
     on_event: &mut dyn FnMut(Event),
@@ -266,7 +374,7 @@ fn handle_boundary(
     if let Some(step) = b.committed {
         *last_commit = Some(step);
         if lead {
-            write_progress(tr, job, Some(step), false)?;
+            write_progress(tr, opts, Some(step), false)?;
         }
         on_event(Event::Info(format!("checkpoint of step {step} committed")));
     }
@@ -274,14 +382,97 @@ fn handle_boundary(
 }
 
 /// Runs training from wherever the run directory stands to `cfg.steps`, or to `opts.stop_at`.
+/// A config with `[[stages]]` runs its stages in order (see [`crate::stages`]).
 pub fn run(
     cfg: TrainConfig,
     opts: RunOptions,
     comm: Box<dyn Communicator>,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<RunOutcome> {
+    if !cfg.stages.is_empty() {
+        return crate::stages::run_staged(cfg, opts, comm, on_event);
+    }
+    if let Some(name) = &opts.only_stage {
+        return Err(TrainError::Config(format!(
+            "--stage {name} needs a config with [[stages]]"
+        )));
+    }
+    run_single(cfg, &opts, comm, on_event).map(|(outcome, _)| outcome)
+}
+
+/// Runs one stage (or a run without stages) and hands the communicator back for the next.
+pub(crate) fn run_single(
+    cfg: TrainConfig,
+    opts: &RunOptions,
+    comm: Box<dyn Communicator>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<(RunOutcome, Box<dyn Communicator>)> {
     let started = Instant::now();
     let mut tr = Trainer::new(cfg, comm)?;
+    tr.stage = opts.stage.as_ref().map(|s| s.tag.clone());
+    let outcome = train_loop(&mut tr, opts, started, on_event)?;
+    Ok((outcome, tr.into_comm()))
+}
+
+/// Rank 0's per-step output: the metrics record, the live stats, the heartbeat.
+struct StepOutput {
+    metrics: PathBuf,
+    heartbeat: PathBuf,
+    /// Added to the step written into the heartbeat (the steps of earlier stages).
+    heartbeat_offset: u64,
+    meter: Option<StatsMeter>,
+}
+
+impl StepOutput {
+    fn new(tr: &Trainer, opts: &RunOptions, on_event: &mut dyn FnMut(Event)) -> Self {
+        // Training runs on the CPU backend, so a GPU that NVML sees is not the training device.
+        let meter = StatsMeter::new(&tr.cfg, &tr.model, false);
+        if let Some(g) = meter.as_ref().and_then(StatsMeter::gpu_description) {
+            on_event(Event::Info(format!("live stats include {g} through NVML")));
+        }
+        let (hb_dir, offset) = match &opts.stage {
+            Some(s) => (s.parent.clone(), s.steps_before),
+            None => (tr.cfg.run_dir.clone(), 0),
+        };
+        StepOutput {
+            metrics: tr.cfg.run_dir.join(files::METRICS),
+            heartbeat: hb_dir.join(HEARTBEAT_FILE),
+            heartbeat_offset: offset,
+            meter,
+        }
+    }
+
+    fn write(
+        &mut self,
+        tr: &Trainer,
+        report: &StepReport,
+        logged: bool,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        if logged {
+            append_jsonl(&self.metrics, report)?;
+        }
+        let samples = (tr.cfg.accum * tr.cfg.batch) as u64;
+        if let Some(rec) = self.meter.as_mut().and_then(|m| m.step(tr.step, samples)) {
+            append_jsonl(&self.metrics, &rec)?;
+            on_event(Event::Stats(rec));
+        }
+        // The supervisor's liveness signal: a run whose heartbeat stops is hung.
+        std::fs::write(
+            &self.heartbeat,
+            format!("{}\n", self.heartbeat_offset + tr.step),
+        )
+        .map_err(|e| TrainError::io("writing", &self.heartbeat, e))
+    }
+}
+
+/// The run of one trainer: lock, run directory, resume, the step loop, the final files.
+fn train_loop(
+    tr: &mut Trainer,
+    opts: &RunOptions,
+    started: Instant,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<RunOutcome> {
     let lead = tr.comm().rank() == 0;
     let run_dir = tr.cfg.run_dir.clone();
     let root = run_dir.join(CHECKPOINTS_DIR);
@@ -294,15 +485,19 @@ pub fn run(
         prepare_run_dir(&run_dir, &tr.cfg, &tr.model)?;
     }
     tr.comm().barrier()?;
-    describe(&tr, on_event);
-    resume(&mut tr, &opts, &root, on_event)?;
+    describe(tr, on_event);
+    resume(tr, opts, &root, on_event)?;
+    if lead && opts.stage.is_some() {
+        // The whole run's progress names the stage from its first step on.
+        write_progress(tr, opts, None, false)?;
+    }
     let (rank, world) = (tr.comm().rank(), tr.comm().world_size());
     let mut mgr = CheckpointManager::new(
         &root,
         rank,
         world,
         tr.layout_hash(),
-        snapshot::tensor_specs(&tr),
+        snapshot::tensor_specs(tr),
         compression(&tr.cfg),
         tr.cfg.keep_last,
     )?;
@@ -312,6 +507,7 @@ pub fn run(
     let mut last_report: Option<StepReport> = tr.history.back().cloned();
     let mut last_val = f32::NAN;
     let first_sample = tr.samples;
+    let mut out = lead.then(|| StepOutput::new(tr, opts, on_event));
     while tr.step < tr.cfg.steps {
         let mut report = tr.train_step()?;
         let at_end = tr.step == tr.cfg.steps;
@@ -339,8 +535,8 @@ pub fn run(
             || (tr.cfg.save_every > 0 && tr.step.is_multiple_of(tr.cfg.save_every));
         if save_due {
             let state =
-                serde_json::to_value(snapshot::training_state(&tr)).expect("state serialises");
-            let stats = mgr.save(tr.step, state, |st| snapshot::fill(&tr, st))?;
+                serde_json::to_value(snapshot::training_state(tr)).expect("state serialises");
+            let stats = mgr.save(tr.step, state, |st| snapshot::fill(tr, st))?;
             report.ckpt_stall_ms = Some(stats.stall.as_secs_f64() * 1e3);
         }
         let b = if at_end || stopping {
@@ -348,15 +544,9 @@ pub fn run(
         } else {
             mgr.step_boundary(tr.comm())?
         };
-        handle_boundary(&tr, &opts.job, b, &mut last_commit, on_event)?;
-        if lead && logged {
-            append_jsonl(&run_dir.join(files::METRICS), &report)?;
-        }
-        if lead {
-            // The supervisor's liveness signal: a run whose heartbeat stops is hung.
-            let hb = run_dir.join(HEARTBEAT_FILE);
-            std::fs::write(&hb, format!("{}\n", tr.step))
-                .map_err(|e| TrainError::io("writing", hb, e))?;
+        handle_boundary(tr, opts, b, &mut last_commit, on_event)?;
+        if let Some(out) = out.as_mut() {
+            out.write(tr, &report, logged, on_event)?;
         }
         last_report = Some(report.clone());
         on_event(Event::Step {
@@ -380,8 +570,8 @@ pub fn run(
     }
     let trained_tokens = (tr.samples - first_sample) * tr.cfg.seq as u64;
     finish_run(
-        &tr,
-        &opts.job,
+        tr,
+        opts,
         last_report,
         last_val,
         last_commit,
@@ -414,7 +604,7 @@ fn describe(tr: &Trainer, on_event: &mut dyn FnMut(Event)) {
 #[allow(clippy::too_many_arguments)]
 fn finish_run(
     tr: &Trainer,
-    job: &Option<JobInfo>,
+    opts: &RunOptions,
     last: Option<StepReport>,
     mut last_val: f32,
     last_commit: Option<u64>,
@@ -446,7 +636,7 @@ fn finish_run(
         write_atomic(&dir.join(files::FINAL_PARAMS), &bytes)?;
         let json = serde_json::to_vec_pretty(&fm).expect("metrics serialise");
         write_atomic(&dir.join(files::FINAL_METRICS), &json)?;
-        write_progress(tr, job, last_commit, true)?;
+        write_progress(tr, opts, last_commit, true)?;
         write_atomic(
             &dir.join(files::COMPLETE),
             format!("step {}\n", tr.step).as_bytes(),

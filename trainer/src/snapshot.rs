@@ -45,6 +45,7 @@ pub fn training_state(tr: &Trainer) -> TrainingState {
         config: tr.cfg.clone(),
         metrics: tr.history.iter().cloned().collect(),
         restarts: tr.restarts,
+        stage: tr.stage.clone(),
     }
 }
 
@@ -111,7 +112,9 @@ pub fn restore(
         tr.samples = state.samples;
         tr.history = state.metrics.iter().cloned().collect();
     }
-    tr.optimizer_steps = if parts.skip_optimizer || parts.reset_schedule {
+    // AdamW's bias correction belongs to the moments: restored moments keep their step count
+    // even when the schedule restarts.
+    tr.optimizer_steps = if parts.skip_optimizer {
         0
     } else {
         state.optimizer_steps

@@ -45,4 +45,17 @@ pub struct TrainingState {
     pub metrics: Vec<StepReport>,
     /// Number of times the run has been restarted from a checkpoint.
     pub restarts: u64,
+    /// The curriculum stage that wrote it; absent in a run without stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<StageTag>,
+}
+
+/// Which curriculum stage a checkpoint or progress record belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StageTag {
+    /// 0-based position in the config's `[[stages]]`.
+    pub index: usize,
+    /// Number of stages.
+    pub count: usize,
+    pub name: String,
 }

@@ -45,6 +45,8 @@ pub enum Event {
         logged: bool,
         total: u64,
     },
+    /// Live stats, every `stats_interval_s` seconds (rank 0).
+    Stats(crate::stats::StatsRecord),
 }
 
 /// The end-of-run summary written to `final_metrics.json`.
@@ -90,6 +92,8 @@ pub struct Trainer {
     pub restarts: u64,
     /// The most recent logged steps, kept for checkpoints.
     pub history: std::collections::VecDeque<StepReport>,
+    /// The curriculum stage this trainer runs, recorded in its checkpoints.
+    pub stage: Option<crate::state::StageTag>,
 }
 
 /// Files of a run directory.
@@ -168,7 +172,13 @@ impl Trainer {
             samples: 0,
             restarts: 0,
             history: std::collections::VecDeque::new(),
+            stage: None,
         })
+    }
+
+    /// Ends the trainer, handing back its communicator (the next stage of a run uses it).
+    pub fn into_comm(self) -> Box<dyn Communicator> {
+        self.comm
     }
 
     /// Number of model parameters.

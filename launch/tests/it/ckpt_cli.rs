@@ -52,6 +52,7 @@ fn state_json(step: u64, world: usize) -> serde_json::Value {
         config: TrainConfig::default(),
         metrics: Vec::new(),
         restarts: 0,
+        stage: None,
     };
     let mut v = serde_json::to_value(&state).expect("a training state serializes");
     v["metrics"] = json!([{"step": step, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75,

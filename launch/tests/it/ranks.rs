@@ -52,10 +52,10 @@ pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        // Live stats records (`"kind": "stats"`) sit between the step records.
+        .filter(|v| v.get("kind").is_none())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
 

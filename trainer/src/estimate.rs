@@ -1,0 +1,193 @@
+//! Estimates for `lazarus train --dry-run`: the memory one rank needs (parameters, gradients,
+//! AdamW state, ZeRO slices, activations at the chosen batch, checkpoint staging), the size of a
+//! checkpoint, and the largest batch that fits a budget. Each term mirrors an allocation of
+//! `Trainer::new`, `Gpt::new` or the checkpoint writer, so the total can be held against the
+//! peak resident memory of a real run.
+
+use crate::config::{ModelConfig, TrainConfig};
+use crate::layout::Layout;
+use crate::model::Gpt;
+
+/// Resident memory of the process before any buffer: code, libraries, allocator, thread stacks
+/// (measured: `lazarus train` on d2, d6 and d12 peaks 4 to 8 MiB above its buffers).
+pub const RUNTIME_BYTES: u64 = 8 << 20;
+
+/// Bound on the bytes of one shard's safetensors header (JSON: names, shapes, offsets and
+/// checksums of three tensors).
+pub const SHARD_HEADER_BYTES_MAX: u64 = 8 << 10;
+
+/// The memory one rank needs, in bytes, term by term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The full flat parameters (every rank holds them for forward and backward).
+    pub params: u64,
+    /// The full flat gradients.
+    pub grads: u64,
+    /// AdamW's m and v for the rank's ZeRO-1 slice.
+    pub optimizer: u64,
+    /// The slice's reduced gradients and updated parameters.
+    pub zero_slices: u64,
+    /// Activations and backward scratch for the local micro-batch, plus its token buffers.
+    pub activations: u64,
+    /// The checkpoint staging buffer (the slice's parameters, m and v), touched at start-up.
+    pub staging: u64,
+    /// The shard file mapped while a save writes it: file-backed and reclaimable, but resident
+    /// (and counted in RSS) until the save is done.
+    pub ckpt_write_map: u64,
+    /// The data loader's shuffled window order.
+    pub data_index: u64,
+    /// Code, libraries and allocator.
+    pub runtime: u64,
+}
+
+impl MemoryEstimate {
+    /// The estimate for one of `world` ranks training `cfg` on `model`, with `train_windows`
+    /// training windows in the data.
+    pub fn per_rank(
+        cfg: &TrainConfig,
+        model: &ModelConfig,
+        world: usize,
+        train_windows: usize,
+    ) -> Self {
+        let n = Layout::gpt2(model).total as u64;
+        let padded = n.div_ceil(world as u64) * world as u64;
+        let shard = padded / world as u64;
+        let b = (cfg.batch / world).max(1);
+        let f32s = |x: u64| x * 4;
+        let acts = Gpt::buffer_floats(model, b, cfg.seq, true) as u64;
+        let tokens = 2 * (b * cfg.seq) as u64;
+        let own = shard.min(n);
+        MemoryEstimate {
+            params: f32s(padded),
+            grads: f32s(padded),
+            optimizer: f32s(2 * shard),
+            zero_slices: f32s(2 * shard),
+            activations: f32s(acts + tokens),
+            staging: f32s(3 * own),
+            ckpt_write_map: f32s(3 * own) + SHARD_HEADER_BYTES_MAX,
+            data_index: 4 * train_windows as u64,
+            runtime: RUNTIME_BYTES,
+        }
+    }
+
+    /// Named terms, in the order they are printed.
+    pub fn terms(&self) -> [(&'static str, u64); 9] {
+        [
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer state (AdamW m, v)", self.optimizer),
+            ("ZeRO-1 slices", self.zero_slices),
+            ("activations", self.activations),
+            ("checkpoint staging", self.staging),
+            ("checkpoint write map", self.ckpt_write_map),
+            ("data index", self.data_index),
+            ("runtime", self.runtime),
+        ]
+    }
+
+    /// Everything a rank keeps resident at its peak (during a save).
+    pub fn total(&self) -> u64 {
+        self.terms().iter().map(|t| t.1).sum()
+    }
+
+    /// The part that grows with the local micro-batch.
+    fn per_sample(cfg: &TrainConfig, model: &ModelConfig) -> u64 {
+        let one = TrainConfig {
+            batch: 1,
+            ..cfg.clone()
+        };
+        Self::per_rank(&one, model, 1, 0).activations
+    }
+}
+
+/// Bytes of one committed checkpoint of `model` written by `world` ranks: every rank's shard
+/// (its slices of parameters, m and v, and a header) plus `COMMITTED`.
+pub fn checkpoint_bytes(model: &ModelConfig, world: usize) -> u64 {
+    let n = Layout::gpt2(model).total as u64;
+    3 * 4 * n + world as u64 * (SHARD_HEADER_BYTES_MAX + 1024)
+}
+
+/// The largest global micro-batch (a multiple of `world`) for which `ranks_here` ranks of this
+/// process fit in `budget` bytes; `None` if not even one sample per rank fits.
+pub fn max_batch_fitting(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    world: usize,
+    ranks_here: usize,
+    train_windows: usize,
+    budget: u64,
+) -> Option<usize> {
+    let one = TrainConfig {
+        batch: world,
+        ..cfg.clone()
+    };
+    let base = MemoryEstimate::per_rank(&one, model, world, train_windows);
+    let per_sample = MemoryEstimate::per_sample(cfg, model);
+    let fixed = base.total() - base.activations;
+    let per_rank_budget = budget / ranks_here.max(1) as u64;
+    let samples = per_rank_budget.checked_sub(fixed)? / per_sample.max(1);
+    (samples >= 1).then(|| samples as usize * world)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(cfg: &TrainConfig) -> ModelConfig {
+        cfg.model_config(256).unwrap()
+    }
+
+    #[test]
+    fn activation_count_is_what_the_model_allocates() {
+        for (b, t, training) in [(1, 8, true), (3, 16, true), (2, 32, false)] {
+            let cfg = TrainConfig {
+                model: "d2".into(),
+                seq: t,
+                ..Default::default()
+            };
+            let m = model(&cfg);
+            let gpt = Gpt::new(m, b, t, training);
+            assert_eq!(
+                Gpt::buffer_floats(&m, b, t, training),
+                gpt.allocated_floats()
+            );
+        }
+    }
+
+    #[test]
+    fn terms_follow_the_zero_split_and_the_batch() {
+        let cfg = TrainConfig {
+            model: "d12".into(),
+            seq: 64,
+            batch: 4,
+            ..Default::default()
+        };
+        let m = model(&cfg);
+        let n = m.num_params() as u64;
+        let one = MemoryEstimate::per_rank(&cfg, &m, 1, 100);
+        assert_eq!(
+            (one.params, one.grads, one.optimizer),
+            (4 * n, 4 * n, 8 * n)
+        );
+        assert_eq!(one.staging, 12 * n);
+        let four = MemoryEstimate::per_rank(&cfg, &m, 4, 100);
+        assert_eq!(four.params, one.params.div_ceil(16) * 16);
+        assert!(four.optimizer * 4 >= one.optimizer && four.optimizer * 4 < one.optimizer + 64);
+        assert!(four.activations * 4 <= one.activations + 4096);
+        // The batch that fits is the largest whose total is within the budget.
+        let budget = one.total() + 1000;
+        let max = max_batch_fitting(&cfg, &m, 1, 1, 100, budget).unwrap();
+        assert!(max >= 4);
+        let at = |b| {
+            let c = TrainConfig {
+                batch: b,
+                ..cfg.clone()
+            };
+            MemoryEstimate::per_rank(&c, &m, 1, 100).total()
+        };
+        assert!(at(max) <= budget && at(max + 1) > budget, "{max}");
+        assert_eq!(max_batch_fitting(&cfg, &m, 1, 1, 100, one.params), None);
+        let ck = checkpoint_bytes(&m, 2);
+        assert!(ck > 12 * n && ck < 12 * n + 32 * 1024);
+    }
+}
