@@ -3,6 +3,9 @@
 
 mod ckpt_cmd;
 mod cli;
+mod dry_run;
+mod eval_cmd;
+mod signals;
 mod slurm;
 mod status_cmd;
 mod supervise;

@@ -74,7 +74,7 @@ impl SlurmTask {
 }
 
 /// Flags of `lazarus sbatch`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SbatchArgs {
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
@@ -100,6 +100,10 @@ pub struct SbatchArgs {
     /// The lazarus binary the job runs (default: this one).
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// Run more ranks than the node has CPUs (`#SBATCH --overcommit`), e.g. a CPU test job;
+    /// MPI ranks then yield the CPU while they wait instead of spinning.
+    #[arg(long)]
+    pub overcommit: bool,
     /// Extra srun flags, e.g. `--mpi=pmix` for `--comm mpi`.
     #[arg(long, allow_hyphen_values = true)]
     pub srun_flags: Option<String>,
@@ -119,34 +123,58 @@ fn quote(s: &str) -> String {
     }
 }
 
-/// The run directory named in a train command line (`--run-dir X` or `--run-dir=X`), or the
-/// default one.
-pub fn run_dir_of(cmd: &[String]) -> String {
-    cmd.iter()
-        .enumerate()
-        .find_map(|(i, a)| {
-            a.strip_prefix("--run-dir=")
-                .map(str::to_string)
-                .or_else(|| {
-                    (a == "--run-dir")
-                        .then(|| cmd.get(i + 1).cloned())
-                        .flatten()
-                })
+/// Where a `train ...` command line trains: its run directory and the marker that says it is
+/// done (the run's, or with `--stage NAME` that stage's). The command line is parsed by the
+/// real parser and its config file read, so `--run-dir` may come from either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainTarget {
+    pub run_dir: PathBuf,
+    pub complete_marker: PathBuf,
+}
+
+impl TrainTarget {
+    pub fn of(cmd: &[String]) -> Result<Self> {
+        use clap::Parser;
+        if cmd.first().map(String::as_str) != Some("train") {
+            bail!("the command after `--` must be a `train ...` command line");
+        }
+        let cli = crate::cli::Cli::try_parse_from(
+            std::iter::once("lazarus").chain(cmd.iter().map(String::as_str)),
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the train command after `--` does not parse: {}",
+                e.render().to_string().trim()
+            )
+        })?;
+        let crate::cli::Command::Train(args) = cli.command else {
+            bail!("the command after `--` must be a `train ...` command line");
+        };
+        let cfg = crate::train_cmd::resolve(&args)?;
+        let done_dir = match &args.stage {
+            Some(name) => {
+                let i = cfg
+                    .stages
+                    .iter()
+                    .position(|s| &s.name == name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--stage {name}: the config has no stage of that name")
+                    })?;
+                lazarus_trainer::stages::stage_dir(&cfg, i)
+            }
+            None => cfg.run_dir.clone(),
+        };
+        Ok(TrainTarget {
+            complete_marker: done_dir.join(lazarus_trainer::train::files::COMPLETE),
+            run_dir: cfg.run_dir,
         })
-        .unwrap_or_else(|| {
-            lazarus_trainer::TrainConfig::default()
-                .run_dir
-                .display()
-                .to_string()
-        })
+    }
 }
 
 /// The batch script for `args`.
 pub fn script(args: &SbatchArgs, binary: &str) -> Result<String> {
-    if args.command.first().map(String::as_str) != Some("train") {
-        bail!("the command after `--` must be a `train ...` command line");
-    }
-    let run_dir = run_dir_of(&args.command);
+    let target = TrainTarget::of(&args.command)?;
+    let run_dir = target.run_dir.display().to_string();
     let tasks = if args.gpus_per_node > 0 {
         args.gpus_per_node
     } else {
@@ -156,7 +184,13 @@ pub fn script(args: &SbatchArgs, binary: &str) -> Result<String> {
     let mut opt = |k: &str, v: String| s.push_str(&format!("#SBATCH --{k}={v}\n"));
     opt("job-name", args.job_name.clone());
     opt("nodes", args.nodes.to_string());
-    opt("ntasks-per-node", tasks.to_string());
+    if args.overcommit {
+        // SLURM refuses --ntasks-per-node above the node's CPUs even with --overcommit; a
+        // total task count is accepted.
+        opt("ntasks", (tasks * args.nodes).to_string());
+    } else {
+        opt("ntasks-per-node", tasks.to_string());
+    }
     if args.gpus_per_node > 0 {
         opt("gpus-per-node", args.gpus_per_node.to_string());
     }
@@ -168,7 +202,11 @@ pub fn script(args: &SbatchArgs, binary: &str) -> Result<String> {
     }
     opt("signal", format!("B:USR1@{}", args.signal_before_s));
     opt("output", format!("{run_dir}/slurm-%j.out"));
-    s.push_str("#SBATCH --requeue\n#SBATCH --open-mode=append\n\n");
+    s.push_str("#SBATCH --requeue\n#SBATCH --open-mode=append\n");
+    if args.overcommit {
+        s.push_str("#SBATCH --overcommit\n");
+    }
+    s.push('\n');
     let train: Vec<String> = args.command.iter().map(|a| quote(a)).collect();
     let srun_flags = args.srun_flags.clone().unwrap_or_default();
     s.push_str(&format!(
@@ -179,7 +217,7 @@ set -u
 RUN_DIR={run_dir}
 LAZARUS={binary}
 mkdir -p "$RUN_DIR"
-echo "lazarus: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname) at $(date -u +%FT%TZ)"
+{yield_idle}echo "lazarus: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname) at $(date -u +%FT%TZ)"
 
 forward() {{
   echo "lazarus: caught $1, forwarding it to the ranks"
@@ -197,7 +235,7 @@ while :; do
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 
-if [ -f "$RUN_DIR/training_complete.marker" ]; then
+if [ -f {complete} ]; then
   echo "lazarus: training complete"
   exit 0
 fi
@@ -214,6 +252,13 @@ exit 0
         srun_flags = srun_flags,
         train = train.join(" "),
         requeue_max = args.requeue_max,
+        complete = quote(&target.complete_marker.display().to_string()),
+        yield_idle = if args.overcommit {
+            "# More ranks than CPUs: Open MPI's busy-polling would starve the ranks that compute.\n\
+             export OMPI_MCA_mpi_yield_when_idle=1\n"
+        } else {
+            ""
+        },
     ));
     Ok(s)
 }
@@ -226,9 +271,12 @@ pub fn sbatch(args: &SbatchArgs) -> Result<()> {
     };
     let text = script(args, &binary.to_string_lossy())?;
     // SLURM opens the --output file inside the run directory before the script runs.
-    let run_dir = run_dir_of(&args.command);
+    let run_dir = TrainTarget::of(&args.command)?.run_dir;
     std::fs::create_dir_all(&run_dir).map_err(|e| {
-        anyhow::anyhow!("creating the run directory {run_dir} for the job's output: {e}")
+        anyhow::anyhow!(
+            "creating the run directory {} for the job's output: {e}",
+            run_dir.display()
+        )
     })?;
     print!("{text}");
     Ok(())
@@ -283,6 +331,42 @@ mod tests {
         .is_err());
     }
 
+    fn cmd(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn train_target_reads_flags_the_config_file_and_the_stage() {
+        let t = TrainTarget::of(&cmd(&["train", "--run-dir", "runs/a"])).unwrap();
+        assert_eq!(t.run_dir, PathBuf::from("runs/a"));
+        assert_eq!(
+            t.complete_marker,
+            PathBuf::from("runs/a/training_complete.marker")
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("c.toml");
+        std::fs::write(
+            &conf,
+            "model = \"d2\"\nrun_dir = \"runs/from-file\"\n\
+             [[stages]]\nname = \"short\"\nsteps = 5\nseq = 16\n\
+             [[stages]]\nname = \"long\"\nsteps = 5\nseq = 32\n",
+        )
+        .unwrap();
+        let c = conf.to_str().unwrap();
+        let t = TrainTarget::of(&cmd(&["train", "--config", c])).unwrap();
+        assert_eq!(t.run_dir, PathBuf::from("runs/from-file"));
+        let t = TrainTarget::of(&cmd(&["train", "--config", c, "--stage", "long"])).unwrap();
+        assert_eq!(
+            t.complete_marker,
+            PathBuf::from("runs/from-file/stages/long/training_complete.marker")
+        );
+        let e = TrainTarget::of(&cmd(&["train", "--config", c, "--stage", "nope"])).unwrap_err();
+        assert!(e.to_string().contains("no stage"), "{e}");
+        let e = TrainTarget::of(&cmd(&["train", "--steps", "many"])).unwrap_err();
+        assert!(e.to_string().contains("does not parse"), "{e}");
+        assert!(TrainTarget::of(&cmd(&["sample"])).is_err());
+    }
+
     #[test]
     fn script_has_the_preemption_pieces() {
         let a = SbatchArgs {
@@ -295,6 +379,7 @@ mod tests {
             signal_before_s: 90,
             requeue_max: 7,
             binary: None,
+            overcommit: false,
             srun_flags: None,
             command: ["train", "--model", "d12", "--run-dir", "runs/my run"]
                 .iter()
@@ -318,6 +403,25 @@ mod tests {
         ] {
             assert!(s.contains(want), "missing {want:?} in:\n{s}");
         }
+        assert!(!s.contains("--overcommit") && !s.contains("yield_when_idle"));
+        let over = script(
+            &SbatchArgs {
+                overcommit: true,
+                gpus_per_node: 0,
+                tasks_per_node: 4,
+                ..a.clone()
+            },
+            "/opt/lazarus",
+        )
+        .unwrap();
+        for want in [
+            "#SBATCH --overcommit",
+            "--ntasks=8",
+            "export OMPI_MCA_mpi_yield_when_idle=1",
+        ] {
+            assert!(over.contains(want), "missing {want:?} in:\n{over}");
+        }
+        assert!(!over.contains("--gpus-per-node"));
         let bad = SbatchArgs {
             command: vec!["sample".into()],
             ..a

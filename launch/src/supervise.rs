@@ -6,9 +6,9 @@
 
 use anyhow::{bail, Context, Result};
 use lazarus_trainer::run::HEARTBEAT_FILE;
-use lazarus_trainer::train::files;
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,7 +29,10 @@ pub struct LaunchArgs {
     /// Wait between SIGTERM and SIGKILL when tearing the ranks down.
     #[arg(long, default_value_t = 10_000)]
     pub kill_grace_ms: u64,
-    /// Longest back-off between restarts (it doubles from 1 s).
+    /// Back-off before the first restart; it doubles after each one.
+    #[arg(long, default_value_t = 1_000)]
+    pub backoff_ms: u64,
+    /// Longest back-off between restarts.
     #[arg(long, default_value_t = 30_000)]
     pub backoff_max_ms: u64,
     /// The `train ...` command line the ranks run.
@@ -55,6 +58,18 @@ fn child_command(args: &LaunchArgs) -> Result<Command> {
         c
     };
     c.arg("--no-progress");
+    // Its own session, so that ranks left behind by a failed attempt (mpirun may exit before
+    // every rank has, and puts each rank in a process group of its own) can be found and
+    // killed before the next attempt starts.
+    // SAFETY: setsid(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     Ok(c)
 }
 
@@ -69,6 +84,44 @@ fn send(child: &Child, sig: i32) {
     // SAFETY: kill(2) only sends a signal to our own child's pid.
     unsafe {
         libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// The live processes of session `sid` (field 6 of /proc/PID/stat), zombies excluded.
+fn session_members(sid: u32) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command name in parentheses: state, ppid, pgrp, session, ...
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                return false;
+            };
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f.first() != Some(&"Z") && f.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(sid)
+        })
+        .collect()
+}
+
+/// SIGKILLs what is left of an attempt's session and waits (up to `grace`) until it is gone,
+/// so that no rank of it still holds the run lock or a collective when the next one starts.
+/// Killing mid-save is safe: a checkpoint counts only once committed.
+fn kill_session(sid: u32, grace: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let left = session_members(sid);
+        if left.is_empty() || t0.elapsed() > grace {
+            return;
+        }
+        for pid in left {
+            // SAFETY: kill(2) on a process of the session this supervisor created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -127,25 +180,23 @@ fn watch(
 
 /// Runs `lazarus launch`; returns the exit code.
 pub fn launch(args: &LaunchArgs) -> Result<u8> {
-    if args.command.first().map(String::as_str) != Some("train") {
-        bail!("the command after `--` must be a `train ...` command line");
-    }
+    let target = crate::slurm::TrainTarget::of(&args.command)?;
     if args.nproc == 0 {
         bail!("--nproc must be positive");
     }
-    let run_dir = PathBuf::from(crate::slurm::run_dir_of(&args.command));
+    let run_dir = target.run_dir;
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [SIGTERM, SIGUSR1, SIGINT] {
         signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
             .context("installing signal handlers")?;
     }
     let mut failures = 0u32;
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Duration::from_millis(args.backoff_ms);
     loop {
         let started = SystemTime::now();
         let mut child = child_command(args)?.spawn().context("starting the ranks")?;
         let ended = watch(&mut child, args, &run_dir, &signal, started)?;
-        if run_dir.join(files::COMPLETE).exists() {
+        if target.complete_marker.exists() {
             eprintln!("lazarus launch: training complete");
             return Ok(0);
         }
@@ -163,6 +214,13 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
             }
             Ended::Exited(st) => format!("the ranks failed ({st})"),
         };
+        if !session_members(child.id()).is_empty() {
+            eprintln!("lazarus launch: killing the ranks the attempt left behind");
+            kill_session(
+                child.id(),
+                Duration::from_millis(args.kill_grace_ms.max(1_000)),
+            );
+        }
         if !why.contains("preempted") {
             failures += 1;
             if failures > args.restarts_max {

@@ -3,19 +3,18 @@
 
 use crate::cli::{CommArg, DeviceArg, TrainArgs};
 use crate::slurm::SlurmTask;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use lazarus_comm::{CommError, SingleRank, ThreadsComm};
 use lazarus_trainer::run;
 use lazarus_trainer::run::{Resume, RunOptions, RunOutcome};
 use lazarus_trainer::snapshot::RestoreParts;
+use lazarus_trainer::stages::{stage_state, StageState};
+use lazarus_trainer::stats::StatsRecord;
 use lazarus_trainer::train::{self, Event};
 use lazarus_trainer::TrainError;
 use lazarus_trainer::{corpus, TrainConfig};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::io::IsTerminal;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 /// The config file (or defaults) with every given flag applied on top.
 pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
@@ -49,11 +48,47 @@ pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
         keep_last,
         ckpt_compress
     );
-    set_opt!(layers, heads, channels, vocab);
+    set_opt!(layers, heads, channels, vocab, block_size, peak_tflops);
+    if let Some(v) = args.stats_interval_s {
+        c.stats_interval_s = v;
+    }
     if args.ckpt_fail_fast {
         c.ckpt_fail_fast = true;
     }
     Ok(c)
+}
+
+fn format_stats(r: &StatsRecord) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    const GIB: f64 = (1u64 << 30) as f64;
+    let mut s = format!(
+        "stats | step {} | {:.0} tok/s | {:.1} samples/s | {:.1} ms/step",
+        r.step, r.tokens_per_s, r.samples_per_s, r.step_ms
+    );
+    if let (Some(rss), Some(peak)) = (r.host_rss_bytes, r.host_rss_peak_bytes) {
+        s.push_str(&format!(
+            " | rss {:.0} MiB (peak {:.0} MiB)",
+            rss as f64 / MIB,
+            peak as f64 / MIB
+        ));
+    }
+    s.push_str(&format!(" | {:.3} TFLOP/s", r.model_tflops));
+    if let Some(mfu) = r.mfu {
+        s.push_str(&format!(" | mfu {:.1}%", 100.0 * mfu));
+    }
+    if let (Some(i), Some(used), Some(total), Some(util)) = (
+        r.gpu_index,
+        r.gpu_mem_used_bytes,
+        r.gpu_mem_total_bytes,
+        r.gpu_util_pct,
+    ) {
+        s.push_str(&format!(
+            " | gpu {i}: {:.1}/{:.1} GiB, util {util}%",
+            used as f64 / GIB,
+            total as f64 / GIB
+        ));
+    }
+    s
 }
 
 fn format_step(r: &train::StepReport, total: u64) -> String {
@@ -68,20 +103,6 @@ fn format_step(r: &train::StepReport, total: u64) -> String {
         s.push_str(&format!(" | ckpt stall {ms:.1} ms"));
     }
     s
-}
-
-/// SIGTERM, SIGUSR1 and SIGINT set the returned flag (the loop stops at the next step boundary
-/// with a committed checkpoint); a second one while the flag is set exits at once with 128+signal.
-fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGUSR1, SIGINT] {
-        // Registered first, so it sees the flag as it was before this signal's own handler runs.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
-            .with_context(|| format!("installing the handler of signal {sig}"))?;
-        signal_hook::flag::register(sig, Arc::clone(&flag))
-            .with_context(|| format!("installing the handler of signal {sig}"))?;
-    }
-    Ok(flag)
 }
 
 /// Events of a rank other than 0: only its warnings are shown.
@@ -158,7 +179,7 @@ fn run_mpi(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Option<RunOutcome>> {
     use lazarus_comm::Communicator;
-    let comm = lazarus_comm::MpiComm::init(timeout_ms).context("starting MPI")?;
+    let comm = anyhow::Context::context(lazarus_comm::MpiComm::init(timeout_ms), "starting MPI")?;
     let r = comm.rank();
     let result = if r == 0 {
         run::run(cfg.clone(), opts, Box::new(comm), on_event)
@@ -194,6 +215,12 @@ fn run_mpi(
 /// `last_error.txt` for `lazarus status`.
 pub fn train(args: TrainArgs) -> Result<()> {
     let cfg = resolve(&args)?;
+    if args.list_stages {
+        return list_stages(&cfg);
+    }
+    if args.dry_run {
+        return crate::dry_run::dry_run(&args, &cfg);
+    }
     let result = train_with(args, &cfg);
     if let Err(e) = &result {
         if cfg
@@ -213,6 +240,9 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
     let cfg = cfg.clone();
     // Reject a bad configuration before anything is written to disk.
     cfg.validate(1)?;
+    if let Some(name) = &args.stage {
+        cfg.stage_index(name)?;
+    }
     if args.device == DeviceArg::Cuda {
         lazarus_kernels::check_device(lazarus_kernels::Device::Cuda { ordinal: 0 })?;
         anyhow::bail!("the CUDA training path is not available in this version; use --device cpu");
@@ -248,6 +278,7 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
             total,
         } => {
             if let Some(pb) = &bar {
+                pb.set_length(total);
                 pb.set_position(report.step);
                 pb.set_message(format!("loss {:.4}", report.loss));
             }
@@ -255,6 +286,7 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
                 say(format_step(&report, total));
             }
         }
+        Event::Stats(r) => say(format_stats(&r)),
     };
     let slurm = SlurmTask::from_env()?;
     if let Some(t) = slurm.as_ref().filter(|t| t.rank == 0) {
@@ -275,8 +307,11 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
             reset_schedule: args.reset_schedule,
         },
         final_save_timeout_ms: args.grace_ms,
-        stop_signal: Some(install_signal_handlers()?),
+        stop_signal: Some(crate::signals::install()?),
         job: slurm.as_ref().map(SlurmTask::job),
+        only_stage: args.stage.clone(),
+        stage: None,
+        init_from: None,
     };
     let outcome = match args.comm {
         CommArg::Mpi => match run_mpi(&cfg, opts, args.collective_timeout_ms, &mut on_event)? {
@@ -313,5 +348,67 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
         ),
     }
     println!("run directory: {}", cfg.run_dir.display());
+    Ok(())
+}
+
+/// `--list-stages`: the config's stages, their settings and where each stands.
+fn list_stages(cfg: &TrainConfig) -> Result<()> {
+    if cfg.stages.is_empty() {
+        println!(
+            "the config has no [[stages]]: the run is one stage of {} steps",
+            cfg.steps
+        );
+        return Ok(());
+    }
+    println!(
+        "{} stages, {} steps, run directory {}",
+        cfg.stages.len(),
+        cfg.stages_total_steps(),
+        cfg.run_dir.display()
+    );
+    println!(
+        "{:>2}  {:<16} {:>7} {:>13} {:>5} {:>5} {:>5} {:>9} {:>6}  {:<21}  {:<24} STATE",
+        "#",
+        "NAME",
+        "STEPS",
+        "RUN STEPS",
+        "SEQ",
+        "BATCH",
+        "ACCUM",
+        "LR",
+        "WARMUP",
+        "INIT FROM",
+        "DATA"
+    );
+    let mut before = 0;
+    for (i, st) in cfg.stages.iter().enumerate() {
+        let c = cfg.stage_config(i);
+        let init = match (i, st.init_from.unwrap_or_default()) {
+            (0, _) => "-",
+            (_, lazarus_trainer::config::InitFrom::Weights) => "weights",
+            (_, lazarus_trainer::config::InitFrom::WeightsAndOptimizer) => "weights_and_optimizer",
+        };
+        let state = match stage_state(cfg, i) {
+            StageState::Complete => "complete".to_string(),
+            StageState::Started(Some(s)) => format!("started, committed step {s}"),
+            StageState::Started(None) => "started, nothing committed".to_string(),
+            StageState::NotStarted => "not started".to_string(),
+        };
+        println!(
+            "{:>2}  {:<16} {:>7} {:>13} {:>5} {:>5} {:>5} {:>9.2e} {:>6}  {:<21}  {:<24} {state}",
+            i + 1,
+            st.name,
+            c.steps,
+            format!("{}-{}", before + 1, before + c.steps),
+            c.seq,
+            c.batch,
+            c.accum,
+            c.lr,
+            c.warmup_steps,
+            init,
+            c.data.display().to_string(),
+        );
+        before += c.steps;
+    }
     Ok(())
 }

@@ -2,10 +2,16 @@
 
 mod ckpt_cli;
 mod cli_errors;
+mod dry_run;
+mod eval;
 mod faults;
 #[cfg(feature = "mpi")]
 mod mpi;
 pub mod ranks;
+#[cfg(feature = "mpi")]
+mod slurm;
+mod stages;
+mod stats;
 mod status;
 mod supervise;
 mod train_runs;
