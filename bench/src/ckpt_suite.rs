@@ -1,14 +1,17 @@
 //! The `ckpt` suite: how long an async checkpoint save stalls the caller, how long until it is
 //! durable, and how fast a checkpoint restores (also resharded 4 -> 3), each against what the
-//! raw disk does with the same bytes, for optimizer-state-shaped data of several sizes.
+//! raw disk does with the same bytes, for optimizer-state-shaped data of several sizes; and,
+//! where a Python with torch is found, the same state through PyTorch's checkpointing (the
+//! peer, `torch_peer.rs`) next to Lazarus with the state split into as many shards.
 
 use crate::machine::Machine;
-use anyhow::{ensure, Context, Result};
+use crate::torch_peer::{self, PeerOutput, TorchPeer};
+use anyhow::{anyhow, ensure, Context, Result};
 use lazarus_checkpoint::{
     commit, flat_shards_for, open_verified, step_dir_name, write_shard, AsyncWriter, Compression,
     Dtype, Manifest, ShardInfo, ShardMeta, TensorSpec, COMMITTED_FILE,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::ops::Range;
@@ -62,6 +65,14 @@ pub struct CkptArgs {
     /// Seed of the synthetic state.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Python with torch for the PyTorch peer [default: $LAZARUS_BENCH_PYTHON, else python3].
+    /// Without torch the peer is skipped and the results say why.
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+    /// Ranks of the PyTorch DCP peer, and shards of the Lazarus save compared with it; 0 skips
+    /// the peer.
+    #[arg(long, default_value_t = 2)]
+    peer_ranks: usize,
 }
 
 /// Parses one state size in MiB: a whole number from 1 to `SIZE_MIB_MAX`.
@@ -214,8 +225,8 @@ fn synth_state(n: usize, seed: u64) -> State {
 // Page cache
 
 /// Drops of the page cache tried and done.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-struct CacheLog {
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct CacheLog {
     attempts: u32,
     dropped: u32,
 }
@@ -251,35 +262,35 @@ fn sync_all_filesystems() {
 // Measurements
 
 /// One async save: the caller's stall and the time until the writer reports it durable.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct AsyncSample {
-    stall_s: f64,
-    copy_s: f64,
-    durable_s: f64,
-    stored_bytes: u64,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct AsyncSample {
+    pub stall_s: f64,
+    pub copy_s: f64,
+    pub durable_s: f64,
+    pub stored_bytes: u64,
 }
 
 /// One restore as `world` ranks, one after another.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct RestoreSample {
-    total_s: f64,
-    rank_max_s: f64,
-    verify_s: f64,
-    bytes_verified: u64,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RestoreSample {
+    pub total_s: f64,
+    pub rank_max_s: f64,
+    pub verify_s: f64,
+    pub bytes_verified: u64,
 }
 
 /// Everything measured in one repetition at one size.
-#[derive(Debug, Clone, Copy, Serialize)]
-struct Sample {
-    raw_write_s: f64,
-    raw_fsync_s: f64,
-    raw_read_s: f64,
-    save: AsyncSample,
-    commit_s: f64,
-    restore: RestoreSample,
-    sync_save_s: f64,
-    reshard_write_s: f64,
-    reshard: RestoreSample,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Sample {
+    pub raw_write_s: f64,
+    pub raw_fsync_s: f64,
+    pub raw_read_s: f64,
+    pub save: AsyncSample,
+    pub commit_s: f64,
+    pub restore: RestoreSample,
+    pub sync_save_s: f64,
+    pub reshard_write_s: f64,
+    pub reshard: RestoreSample,
 }
 
 /// The scratch space and page-cache log shared by all measurements.
@@ -365,12 +376,18 @@ fn wait_durable(w: &mut AsyncWriter, step: u64, t0: Instant) -> Result<(f64, Sha
 
 /// An async save with nothing in flight: the stall of `save`, then the wait until durable.
 fn async_save(w: &mut AsyncWriter, step: u64, st: &State) -> Result<AsyncSample> {
+    let [p, m, v] = &st.arrays;
+    async_save_arrays(w, step, [p, m, v])
+}
+
+/// `async_save` of the given slices of the three arrays (the writer's tensors must match).
+fn async_save_arrays(w: &mut AsyncWriter, step: u64, arrays: [&[f32]; 3]) -> Result<AsyncSample> {
     ensure!(w.in_flight_step().is_none(), "a save is already in flight");
     let mut fill_err = None;
     let t0 = Instant::now();
     let stats = w
         .save(step, |stg| {
-            for (name, a) in ARRAYS.iter().zip(&st.arrays) {
+            for (name, a) in ARRAYS.iter().zip(arrays) {
                 if let Err(e) = stg.copy_from(name, f32_bytes(a)) {
                     fill_err.get_or_insert(e);
                 }
@@ -422,32 +439,75 @@ fn sync_save(dir: &Path, step: u64, st: &State, world: usize) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Restores all arrays into `out` as `world_new` ranks, one after another: each verifies only
-/// the shards `flat_shards_for` names for its slice, then reads its slice of every array.
+/// What one rank's restore did: seconds verifying, bytes of the shards it verified.
+struct RankRestore {
+    verify_s: f64,
+    bytes_verified: u64,
+}
+
+/// Restores rank `rank` of `world` of a checkpoint of arrays of `n` elements: verifies only the
+/// shards `flat_shards_for` names for its slice, then reads its slice of every array into
+/// `out` (its slices of params, adam_m, adam_v).
+fn restore_rank(
+    dir: &Path,
+    manifest: &Manifest,
+    (n, world, rank): (usize, usize, usize),
+    out: [&mut [f32]; 3],
+) -> Result<RankRestore> {
+    let t0 = Instant::now();
+    let r = slice_range(n, world, rank);
+    let mut shards: Vec<usize> = ARRAYS
+        .iter()
+        .flat_map(|a| flat_shards_for(manifest, a, r.start as u64..r.end as u64))
+        .collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let ck = open_verified(dir, manifest, &shards)
+        .with_context(|| format!("verifying shards {shards:?} of {}", dir.display()))?;
+    let verify_s = t0.elapsed().as_secs_f64();
+    let bytes_verified = shards.iter().map(|&i| manifest.shards[i].size).sum::<u64>();
+    for (name, a) in ARRAYS.iter().zip(out) {
+        assert_eq!(a.len(), r.len(), "output slice of `{name}` for rank {rank}");
+        ck.read_flat(name, r.start as u64, f32_bytes_mut(a))
+            .with_context(|| format!("reading `{name}` [{}, {})", r.start, r.end))?;
+    }
+    Ok(RankRestore {
+        verify_s,
+        bytes_verified,
+    })
+}
+
+/// Splits each array of `out` into the slices of the `world` ranks: `[rank][array]`.
+fn rank_slices(out: &mut State, world: usize) -> Vec<[&mut [f32]; 3]> {
+    let n = out.elems();
+    let mut per_rank: Vec<Vec<&mut [f32]>> = (0..world).map(|_| Vec::with_capacity(3)).collect();
+    for a in &mut out.arrays {
+        let mut rest: &mut [f32] = a;
+        for (rank, slices) in per_rank.iter_mut().enumerate() {
+            let len = slice_range(n, world, rank).len();
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            slices.push(head);
+            rest = tail;
+        }
+    }
+    per_rank
+        .into_iter()
+        .map(|v| v.try_into().expect("one slice of each of the three arrays"))
+        .collect()
+}
+
+/// Restores all arrays into `out` as `world_new` ranks, one after another.
 fn restore_as(dir: &Path, world_new: usize, out: &mut State) -> Result<RestoreSample> {
     let n = out.elems();
     let t0 = Instant::now();
     let manifest = Manifest::read(&dir.join(COMMITTED_FILE))
         .with_context(|| format!("reading the manifest of {}", dir.display()))?;
     let (mut rank_max_s, mut verify_s, mut bytes_verified) = (0f64, 0f64, 0u64);
-    for rank in 0..world_new {
+    for (rank, slices) in rank_slices(out, world_new).into_iter().enumerate() {
         let t_rank = Instant::now();
-        let r = slice_range(n, world_new, rank);
-        let mut shards: Vec<usize> = ARRAYS
-            .iter()
-            .flat_map(|a| flat_shards_for(&manifest, a, r.start as u64..r.end as u64))
-            .collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let ck = open_verified(dir, &manifest, &shards)
-            .with_context(|| format!("verifying shards {shards:?} of {}", dir.display()))?;
-        verify_s += t_rank.elapsed().as_secs_f64();
-        bytes_verified += shards.iter().map(|&i| manifest.shards[i].size).sum::<u64>();
-        for (name, a) in ARRAYS.iter().zip(&mut out.arrays) {
-            ck.read_flat(name, r.start as u64, f32_bytes_mut(&mut a[r.clone()]))
-                .with_context(|| format!("reading `{name}` [{}, {})", r.start, r.end))?;
-        }
-        drop(ck);
+        let rr = restore_rank(dir, &manifest, (n, world_new, rank), slices)?;
+        verify_s += rr.verify_s;
+        bytes_verified += rr.bytes_verified;
         rank_max_s = rank_max_s.max(t_rank.elapsed().as_secs_f64());
     }
     Ok(RestoreSample {
@@ -456,6 +516,50 @@ fn restore_as(dir: &Path, world_new: usize, out: &mut State) -> Result<RestoreSa
         verify_s,
         bytes_verified,
     })
+}
+
+/// Restores all arrays into `out` as `world` ranks at once, one thread per rank, as the ranks
+/// of a job would. Returns the seconds of the whole.
+fn restore_parallel(dir: &Path, world: usize, out: &mut State) -> Result<f64> {
+    let n = out.elems();
+    let t0 = Instant::now();
+    let manifest = Manifest::read(&dir.join(COMMITTED_FILE))
+        .with_context(|| format!("reading the manifest of {}", dir.display()))?;
+    let manifest = &manifest;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rank_slices(out, world)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, slices)| {
+                s.spawn(move || restore_rank(dir, manifest, (n, world, rank), slices))
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow!("a restoring rank panicked"))?
+                .map(|_| ())
+        })
+    })?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// `restore_parallel` from a cold cache, checking the bits came back.
+fn cold_restore_parallel(
+    b: &mut Bench,
+    dir: &Path,
+    world: usize,
+    st: &State,
+    out: &mut State,
+) -> Result<f64> {
+    out.poison();
+    b.cache.drop_caches();
+    let total_s = restore_parallel(dir, world, out)?;
+    ensure!(
+        out.same_bits(st),
+        "restore of {} as {world} parallel ranks returned different bits",
+        dir.display()
+    );
+    Ok(total_s)
 }
 
 fn remove_dir(dir: &Path) -> Result<()> {
@@ -531,58 +635,239 @@ fn one_rep(b: &mut Bench, w: &mut AsyncWriter, st: &State, out: &mut State) -> R
 }
 
 // ---------------------------------------------------------------------------------------------
+// Against the PyTorch peer
+
+/// One writer per rank of `world`, each for its slice of every array.
+fn sharded_writers(b: &Bench, n: usize, world: usize) -> Result<Vec<AsyncWriter>> {
+    (0..world)
+        .map(|rank| {
+            AsyncWriter::new(
+                &b.ckpt_root(),
+                rank,
+                world,
+                LAYOUT_HASH.to_string(),
+                flat_specs(n, world, rank),
+                Compression::None,
+            )
+            .with_context(|| format!("starting the async writer of rank {rank} of {world}"))
+        })
+        .collect()
+}
+
+/// All ranks save their slices at once, each from its own thread as the ranks of a job would;
+/// the stall and time to durable of the slowest rank.
+fn sharded_save(ws: &mut [AsyncWriter], step: u64, st: &State) -> Result<AsyncSample> {
+    let (n, world) = (st.elems(), ws.len());
+    let samples = std::thread::scope(|s| {
+        let handles: Vec<_> = ws
+            .iter_mut()
+            .enumerate()
+            .map(|(rank, w)| {
+                let r = slice_range(n, world, rank);
+                let [p, m, v] = &st.arrays;
+                let arrays = [&p[r.clone()], &m[r.clone()], &v[r]];
+                s.spawn(move || async_save_arrays(w, step, arrays))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a saving rank panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let max = |f: fn(&AsyncSample) -> f64| samples.iter().map(f).fold(0.0, f64::max);
+    Ok(AsyncSample {
+        stall_s: max(|s| s.stall_s),
+        copy_s: max(|s| s.copy_s),
+        durable_s: max(|s| s.durable_s),
+        stored_bytes: samples.iter().map(|s| s.stored_bytes).sum(),
+    })
+}
+
+/// Lazarus with the state in N shards, in seconds: the cold save's stall, then medians.
+#[derive(Debug, Clone, Copy)]
+struct ShardedTimes {
+    stall_cold_s: f64,
+    stall_s: f64,
+    /// Until every shard is durable and `COMMITTED` is written.
+    durable_s: f64,
+    restore_s: f64,
+}
+
+/// Lazarus with the state in `world` shards: a cold save, then `reps` saves, each committed
+/// and restored by `world` parallel ranks.
+fn measure_sharded(
+    b: &mut Bench,
+    world: usize,
+    reps: usize,
+    st: &State,
+    out: &mut State,
+) -> Result<ShardedTimes> {
+    let mut ws = sharded_writers(b, st.elems(), world)?;
+    let (step, dir) = b.new_step();
+    sync_all_filesystems();
+    let cold = sharded_save(&mut ws, step, st)?;
+    remove_dir(&dir)?;
+    let (mut stalls, mut durables, mut restores) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let (step, dir) = b.new_step();
+        sync_all_filesystems();
+        let save = sharded_save(&mut ws, step, st)?;
+        let commit_s = commit_step(&dir, step, world)?;
+        stalls.push(save.stall_s);
+        durables.push(save.durable_s + commit_s);
+        restores.push(cold_restore_parallel(b, &dir, world, st, out)?);
+        remove_dir(&dir)?;
+    }
+    Ok(ShardedTimes {
+        stall_cold_s: cold.stall_s,
+        stall_s: median(&stalls),
+        durable_s: median(&durables),
+        restore_s: median(&restores),
+    })
+}
+
+/// Lazarus and PyTorch side by side at one size. Times in ms (medians); ratios below 1 mean
+/// Lazarus took less time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub ranks: usize,
+    pub torch_version: String,
+    /// What the Lazarus numbers of this row measured.
+    pub lazarus_measures: String,
+    pub torch_save_measures: String,
+    pub dcp_measures: String,
+    /// Lazarus, the state in `ranks` shards: the slowest rank's stall.
+    pub lazarus_stall_ms: f64,
+    pub lazarus_stall_cold_ms: f64,
+    /// Until every shard is durable and `COMMITTED` is written.
+    pub lazarus_durable_ms: f64,
+    /// `ranks` ranks restoring at once, checksums verified, from a cold cache.
+    pub lazarus_restore_ms: f64,
+    /// Lazarus, one writer with the whole state (the row's durable plus commit).
+    pub lazarus_one_writer_durable_ms: f64,
+    pub torch_save_blocking_ms: f64,
+    pub torch_save_durable_ms: f64,
+    pub dcp_save_ms: f64,
+    pub dcp_save_durable_ms: f64,
+    pub dcp_async_blocking_ms: f64,
+    pub dcp_async_blocking_cold_ms: f64,
+    pub dcp_async_durable_ms: f64,
+    pub dcp_load_ms: f64,
+    pub dcp_load_cold_cache: bool,
+    /// Lazarus stall (N shards) / DCP async_save blocking.
+    pub stall_over_dcp_async_blocking: f64,
+    /// Lazarus durable (N shards) / DCP async_save durable.
+    pub durable_over_dcp_async_durable: f64,
+    /// Lazarus durable (one writer) / torch.save durable.
+    pub one_writer_durable_over_torch_save_durable: f64,
+    /// Lazarus restore (N ranks) / DCP load (N ranks).
+    pub restore_over_dcp_load: f64,
+    pub peer_runtime_s: f64,
+}
+
+/// What the Lazarus side of a `PeerRow` measured.
+fn lazarus_measures(world: usize) -> String {
+    format!(
+        "{world} AsyncWriters in one process, one per rank, each its 1/{world} of every array, \
+         saving at once from {world} threads; times of the slowest rank; durable includes the \
+         commit; restore by {world} threads at once, checksums verified"
+    )
+}
+
+fn peer_row(world: usize, laz: ShardedTimes, one_writer_ms: f64, t: &PeerOutput) -> PeerRow {
+    let (stall_cold, stall) = (ms(laz.stall_cold_s), ms(laz.stall_s));
+    let (durable, restore) = (ms(laz.durable_s), ms(laz.restore_s));
+    PeerRow {
+        ranks: world,
+        torch_version: t.torch_version.clone(),
+        lazarus_measures: lazarus_measures(world),
+        torch_save_measures: t.torch_save_measures.clone(),
+        dcp_measures: t.dcp_measures.clone(),
+        lazarus_stall_ms: stall,
+        lazarus_stall_cold_ms: stall_cold,
+        lazarus_durable_ms: durable,
+        lazarus_restore_ms: restore,
+        lazarus_one_writer_durable_ms: one_writer_ms,
+        torch_save_blocking_ms: t.torch_save.blocking_ms,
+        torch_save_durable_ms: t.torch_save.durable_ms,
+        dcp_save_ms: t.dcp_save.blocking_ms,
+        dcp_save_durable_ms: t.dcp_save.durable_ms,
+        dcp_async_blocking_ms: t.dcp_async_save.blocking_ms,
+        dcp_async_blocking_cold_ms: t.dcp_async_save.cold_blocking_ms,
+        dcp_async_durable_ms: t.dcp_async_save.durable_ms,
+        dcp_load_ms: t.dcp_load.ms,
+        dcp_load_cold_cache: t.dcp_load.cold_cache,
+        stall_over_dcp_async_blocking: stall / t.dcp_async_save.blocking_ms,
+        durable_over_dcp_async_durable: durable / t.dcp_async_save.durable_ms,
+        one_writer_durable_over_torch_save_durable: one_writer_ms / t.torch_save.durable_ms,
+        restore_over_dcp_load: restore / t.dcp_load.ms,
+        peer_runtime_s: t.runtime_s,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Results
 
 /// Compressed saves at one size (medians).
-#[derive(Debug, Clone, Serialize)]
-struct ZstdRow {
-    level: i32,
-    stored_bytes: u64,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZstdRow {
+    pub level: i32,
+    pub stored_bytes: u64,
     /// Stored bytes over state bytes.
-    ratio: f64,
-    stall_cold_ms: f64,
-    stall_ms: f64,
-    durable_ms: f64,
-    persist_gbps: f64,
-    restore_ms: f64,
-    restore_gbps: f64,
+    pub ratio: f64,
+    pub stall_cold_ms: f64,
+    pub stall_ms: f64,
+    pub durable_ms: f64,
+    pub persist_gbps: f64,
+    pub restore_ms: f64,
+    pub restore_gbps: f64,
 }
 
 /// All numbers at one size: medians over `reps`; `*_cold_*` from the first save into a staging
 /// buffer never touched before. Bandwidths in GB/s (1e9 bytes).
-#[derive(Debug, Clone, Serialize)]
-struct Row {
-    size_mib: u64,
-    state_bytes: u64,
-    elems_per_array: usize,
-    reps: usize,
-    raw_write_ms: f64,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub size_mib: u64,
+    pub state_bytes: u64,
+    pub elems_per_array: usize,
+    pub reps: usize,
+    pub raw_write_ms: f64,
     /// The `sync_all` part of `raw_write_ms` (the rest is the copy into the page cache).
-    raw_fsync_ms: f64,
-    raw_write_gbps: f64,
-    raw_read_ms: f64,
-    raw_read_gbps: f64,
-    stall_cold_ms: f64,
-    durable_cold_ms: f64,
-    stall_ms: f64,
-    stall_copy_ms: f64,
-    durable_ms: f64,
-    persist_gbps: f64,
-    commit_ms: f64,
-    sync_save_ms: f64,
-    restore_ms: f64,
-    restore_verify_ms: f64,
-    restore_gbps: f64,
-    reshard_write_ms: f64,
-    reshard_restore_ms: f64,
-    reshard_rank_max_ms: f64,
-    reshard_bytes_verified: u64,
-    persist_over_raw_write: f64,
-    stall_over_sync_save: f64,
-    restore_over_raw_read: f64,
-    zstd: Option<ZstdRow>,
+    pub raw_fsync_ms: f64,
+    pub raw_write_gbps: f64,
+    pub raw_read_ms: f64,
+    pub raw_read_gbps: f64,
+    pub stall_cold_ms: f64,
+    pub durable_cold_ms: f64,
+    pub stall_ms: f64,
+    pub stall_copy_ms: f64,
+    pub durable_ms: f64,
+    pub persist_gbps: f64,
+    pub commit_ms: f64,
+    pub sync_save_ms: f64,
+    pub restore_ms: f64,
+    pub restore_verify_ms: f64,
+    pub restore_gbps: f64,
+    pub reshard_write_ms: f64,
+    pub reshard_restore_ms: f64,
+    pub reshard_rank_max_ms: f64,
+    pub reshard_bytes_verified: u64,
+    pub persist_over_raw_write: f64,
+    pub stall_over_sync_save: f64,
+    pub restore_over_raw_read: f64,
+    pub zstd: Option<ZstdRow>,
+    /// Lazarus against the PyTorch peer at this size (absent when the peer was not run).
+    #[serde(default)]
+    pub peer: Option<PeerRow>,
+    /// Why the peer failed at this size, when it did.
+    #[serde(default)]
+    pub peer_error: Option<String>,
+    /// The machine's 1-minute load average when this size finished: above the core count,
+    /// other work shared the CPU and the disk with the measurement.
+    #[serde(default)]
+    pub load_1m: Option<f64>,
     /// Every repetition, in seconds.
-    samples: Vec<Sample>,
+    pub samples: Vec<Sample>,
 }
 
 #[derive(Debug, Serialize)]
@@ -593,6 +878,7 @@ struct Report<'a> {
     page_cache: &'static str,
     cache_drops: CacheLog,
     runtime_s: f64,
+    peer: PeerStatus,
     rows: &'a [Row],
 }
 
@@ -636,12 +922,15 @@ fn row_from(mib: u64, bytes: u64, n: usize, cold: AsyncSample, samples: &[Sample
         stall_over_sync_save: stall / sync,
         restore_over_raw_read: restore_gbps / raw_read_gbps,
         zstd: None,
+        peer: None,
+        peer_error: None,
+        load_1m: None,
         samples: samples.to_vec(),
     }
 }
 
 /// The Markdown table, one row per size; zstd columns only when some row has them.
-fn table(rows: &[Row]) -> String {
+pub fn table(rows: &[Row]) -> String {
     let z = rows.iter().any(|r| r.zstd.is_some());
     let mut s = String::from(
         "| state | stall ms (cold) | sync save ms | stall/sync | durable ms | persist GB/s | raw write GB/s | persist/raw | restore GB/s | raw read GB/s | restore/raw | reshard 4->3 ms |",
@@ -682,6 +971,44 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
+/// What the peer table compares, in one paragraph.
+pub const PEER_NOTE: &str = "Lazarus (N shards): N async writers in one process, one per \
+rank, each its 1/N of every array, started together; durable = every shard fsynced and \
+COMMITTED written; restore = N ranks at once with checksums verified, cold cache. DCP: N gloo \
+ranks (processes), DTensor Shard(0), FileSystemWriter defaults; blocking = until async_save \
+returns its future; durable = the future's result plus fsync of the files and directory; load \
+does not verify checksums. Lazarus (1 writer) and torch.save: one process, the whole state, \
+one file. Ratios below 1: Lazarus took less time.";
+
+/// The Lazarus-against-PyTorch table, one row per size that has peer numbers.
+pub fn peer_table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| state | ranks | Lazarus stall ms | DCP async_save blocking ms | stall/DCP | Lazarus durable ms | DCP async durable ms | durable/DCP | Lazarus 1-writer durable ms | torch.save durable ms | 1-writer/torch.save | Lazarus restore ms | DCP load ms | restore/DCP load |\n",
+    );
+    s.push_str(&"|---".repeat(14));
+    s.push_str("|\n");
+    for (r, p) in rows.iter().filter_map(|r| r.peer.as_ref().map(|p| (r, p))) {
+        s.push_str(&format!(
+            "| {} MiB | {} | {:.1} | {:.1} | {:.3} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |\n",
+            r.size_mib,
+            p.ranks,
+            p.lazarus_stall_ms,
+            p.dcp_async_blocking_ms,
+            p.stall_over_dcp_async_blocking,
+            p.lazarus_durable_ms,
+            p.dcp_async_durable_ms,
+            p.durable_over_dcp_async_durable,
+            p.lazarus_one_writer_durable_ms,
+            p.torch_save_durable_ms,
+            p.one_writer_durable_over_torch_save_durable,
+            p.lazarus_restore_ms,
+            p.dcp_load_ms,
+            p.restore_over_dcp_load,
+        ));
+    }
+    s
+}
+
 fn print_details(r: &Row) {
     println!(
         "{} MiB ({} reps): stall {:.1} ms (copy {:.1}; cold staging {:.1}), durable {:.0} ms \
@@ -709,9 +1036,35 @@ fn print_details(r: &Row) {
         r.reshard_bytes_verified as f64 / (1 << 20) as f64,
     );
     println!(
-        "  ratios: persist/raw write {:.2}, stall/sync save {:.4}, restore/raw read {:.2}",
-        r.persist_over_raw_write, r.stall_over_sync_save, r.restore_over_raw_read
+        "  ratios: persist/raw write {:.2}, stall/sync save {:.4}, restore/raw read {:.2}; \
+         load average {}",
+        r.persist_over_raw_write,
+        r.stall_over_sync_save,
+        r.restore_over_raw_read,
+        r.load_1m.map_or("unknown".into(), |l| format!("{l:.2}"))
     );
+    if let Some(p) = &r.peer {
+        println!(
+            "  vs PyTorch {} on {} ranks: Lazarus stall {:.1} ms (cold {:.1}) vs DCP async_save \
+             blocking {:.1} ms (cold {:.1}); durable {:.0} vs {:.0} ms (DCP save {:.0}); one \
+             writer {:.0} ms vs torch.save {:.0} ms (blocking {:.0}); restore {:.0} vs DCP load \
+             {:.0} ms",
+            p.torch_version,
+            p.ranks,
+            p.lazarus_stall_ms,
+            p.lazarus_stall_cold_ms,
+            p.dcp_async_blocking_ms,
+            p.dcp_async_blocking_cold_ms,
+            p.lazarus_durable_ms,
+            p.dcp_async_durable_ms,
+            p.dcp_save_durable_ms,
+            p.lazarus_one_writer_durable_ms,
+            p.torch_save_durable_ms,
+            p.torch_save_blocking_ms,
+            p.lazarus_restore_ms,
+            p.dcp_load_ms,
+        );
+    }
     if let Some(z) = &r.zstd {
         println!(
             "  zstd-{}: ratio {:.3}, stall {:.1} ms (cold {:.1}), durable {:.0} ms ({:.2} GB/s of state), restore {:.0} ms ({:.2} GB/s)",
@@ -781,7 +1134,34 @@ fn measure_zstd(
     })
 }
 
-fn measure_size(b: &mut Bench, mib: u64, args: &CkptArgs) -> Result<Row> {
+/// Lazarus with `world` shards, then the PyTorch peer, at the size of `row`; a failure of the
+/// peer is recorded in the row, one of Lazarus is an error.
+fn add_peer(
+    b: &mut Bench,
+    peer: &TorchPeer,
+    world: usize,
+    (st, out): (&State, &mut State),
+    row: &mut Row,
+) -> Result<()> {
+    ensure!(
+        world <= st.elems(),
+        "more peer ranks than elements per array"
+    );
+    let laz = measure_sharded(b, world, row.reps, st, out)
+        .with_context(|| format!("measuring Lazarus with {world} shards"))?;
+    sync_all_filesystems();
+    match peer.run(st.elems(), world, row.reps, &b.root) {
+        Ok(t) => row.peer = Some(peer_row(world, laz, row.durable_ms + row.commit_ms, &t)),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("the PyTorch peer failed at {} MiB: {msg}", row.size_mib);
+            row.peer_error = Some(msg);
+        }
+    }
+    Ok(())
+}
+
+fn measure_size(b: &mut Bench, mib: u64, args: &CkptArgs, peer: Option<&TorchPeer>) -> Result<Row> {
     let n = elems_for(mib);
     ensure!(n > 0, "{mib} MiB is too small for three arrays");
     let st = synth_state(n, args.seed);
@@ -804,7 +1184,61 @@ fn measure_size(b: &mut Bench, mib: u64, args: &CkptArgs) -> Result<Row> {
             .with_context(|| format!("measuring {mib} MiB with zstd"))?;
         row.zstd = Some(z);
     }
+    if let Some(peer) = peer {
+        add_peer(b, peer, args.peer_ranks, (&st, &mut out), &mut row)?;
+    }
+    row.load_1m = load_1m();
     Ok(row)
+}
+
+/// The 1-minute load average, if `/proc/loadavg` can be read.
+fn load_1m() -> Option<f64> {
+    let text = fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether the PyTorch peer ran, and with what.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// `measured`, `skipped` (with the reason) or `failed` (every size's row says why).
+    pub status: String,
+    pub reason: Option<String>,
+    pub python: String,
+    pub torch_version: Option<String>,
+    pub ranks: usize,
+}
+
+/// Finds the peer's Python, or says why the peer is skipped.
+fn find_peer(args: &CkptArgs) -> (Option<TorchPeer>, PeerStatus) {
+    let python = torch_peer::resolve_python(args.torch_python.as_deref());
+    let found = if args.peer_ranks == 0 {
+        Err("--peer-ranks is 0".to_string())
+    } else {
+        torch_peer::probe(&python)
+    };
+    let mut status = PeerStatus {
+        status: "measured".into(),
+        reason: None,
+        python: python.display().to_string(),
+        torch_version: None,
+        ranks: args.peer_ranks,
+    };
+    match found {
+        Ok(p) => {
+            println!(
+                "PyTorch peer: torch {} from {}, {} ranks",
+                p.torch_version, status.python, args.peer_ranks
+            );
+            status.torch_version = Some(p.torch_version.clone());
+            (Some(p), status)
+        }
+        Err(reason) => {
+            println!("skipped the PyTorch peer: {reason}");
+            status.status = "skipped".into();
+            status.reason = Some(reason);
+            (None, status)
+        }
+    }
 }
 
 /// Runs the suite, prints details, ratios and the table, writes `ckpt-<date>.json`
@@ -829,11 +1263,15 @@ pub fn run(args: &CkptArgs, out: &Path) -> Result<()> {
     };
     let dir = fs::canonicalize(&b.root).unwrap_or_else(|_| b.root.clone());
     println!("scratch directory {}", dir.display());
+    let (peer, mut peer_status) = find_peer(args);
     let mut rows = Vec::with_capacity(args.sizes_mib.len());
     for &mib in &args.sizes_mib {
-        let row = measure_size(&mut b, mib, args)?;
+        let row = measure_size(&mut b, mib, args, peer.as_ref())?;
         print_details(&row);
         rows.push(row);
+    }
+    if peer.is_some() && rows.iter().all(|r| r.peer.is_none()) {
+        peer_status.status = "failed".into();
     }
     scratch
         .close()
@@ -854,6 +1292,7 @@ pub fn run(args: &CkptArgs, out: &Path) -> Result<()> {
         page_cache: b.cache.describe(),
         cache_drops: b.cache,
         runtime_s,
+        peer: peer_status,
         rows: &rows,
     };
     fs::write(&path, serde_json::to_vec_pretty(&report)?)
@@ -864,8 +1303,76 @@ pub fn run(args: &CkptArgs, out: &Path) -> Result<()> {
     );
     println!("runtime {runtime_s:.1} s");
     print!("{}", table(&rows));
+    if rows.iter().any(|r| r.peer.is_some()) {
+        println!();
+        print!("{}", peer_table(&rows));
+        println!("{}", PEER_NOTE);
+    }
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// A row with made-up numbers, for tests of the code that reads results.
+#[cfg(test)]
+pub fn example_row(mib: u64, with_peer: bool) -> Row {
+    let save = AsyncSample {
+        stall_s: 0.02,
+        copy_s: 0.02,
+        durable_s: 1.0,
+        stored_bytes: 100,
+    };
+    let restore = RestoreSample {
+        total_s: 0.5,
+        rank_max_s: 0.2,
+        verify_s: 0.3,
+        bytes_verified: 150,
+    };
+    let s = Sample {
+        raw_write_s: 0.8,
+        raw_fsync_s: 0.5,
+        raw_read_s: 0.4,
+        save,
+        commit_s: 0.001,
+        restore,
+        sync_save_s: 1.0,
+        reshard_write_s: 1.1,
+        reshard: restore,
+    };
+    let mut row = row_from(mib, mib << 20, 10, save, &[s]);
+    if with_peer {
+        let t = |b: f64, d: f64| torch_peer::SaveTimes {
+            cold_blocking_ms: 2.0 * b,
+            cold_durable_ms: 2.0 * d,
+            blocking_ms: b,
+            durable_ms: d,
+        };
+        let out = PeerOutput {
+            torch_version: "2.15.0".into(),
+            ranks: 2,
+            elems_per_array: 10,
+            state_bytes: 120,
+            reps: 1,
+            torch_save_measures: "one process".into(),
+            dcp_measures: "2 gloo ranks".into(),
+            torch_save: t(500.0, 800.0),
+            dcp_save: t(900.0, 950.0),
+            dcp_async_save: t(200.0, 1000.0),
+            dcp_load: torch_peer::LoadTimes {
+                cold_ms: 700.0,
+                ms: 600.0,
+                cold_cache: true,
+            },
+            runtime_s: 10.0,
+        };
+        let laz = ShardedTimes {
+            stall_cold_s: 0.03,
+            stall_s: 0.01,
+            durable_s: 0.5,
+            restore_s: 0.3,
+        };
+        row.peer = Some(peer_row(2, laz, 1001.0, &out));
+    }
+    row
 }
 
 #[cfg(test)]
@@ -953,6 +1460,77 @@ mod tests {
             restore_gbps: 0.2,
         });
         row
+    }
+
+    #[test]
+    fn peer_ratios_divide_the_right_numbers() {
+        let p = example_row(64, true).peer.unwrap();
+        assert_eq!(p.lazarus_stall_ms, 10.0);
+        assert_eq!(p.stall_over_dcp_async_blocking, 10.0 / 200.0);
+        assert_eq!(p.durable_over_dcp_async_durable, 500.0 / 1000.0);
+        assert_eq!(p.one_writer_durable_over_torch_save_durable, 1001.0 / 800.0);
+        assert_eq!(p.restore_over_dcp_load, 300.0 / 600.0);
+        let t = peer_table(&[example_row(64, true), example_row(256, false)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines[0].matches('|').count(), lines[2].matches('|').count());
+        assert!(
+            lines[2].starts_with("| 64 MiB | 2 | 10.0 | 200.0 | 0.050 | 500 | 1000 | 0.50 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn sharded_saves_restore_the_same_bits_in_parallel() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = Bench {
+            root: tmp.path().to_path_buf(),
+            cache: CacheLog::default(),
+            next_step: 0,
+        };
+        let st = synth_state(1001, 3);
+        let mut ws = sharded_writers(&b, st.elems(), 3).unwrap();
+        let dir = b.ckpt_root().join(step_dir_name(1));
+        let save = sharded_save(&mut ws, 1, &st).unwrap();
+        assert_eq!(save.stored_bytes, st.bytes());
+        assert!(save.durable_s >= save.stall_s);
+        commit_step(&dir, 1, 3).unwrap();
+        for world in [3, 2] {
+            let mut out = State::zeroed(st.elems());
+            out.poison();
+            restore_parallel(&dir, world, &mut out).unwrap();
+            assert!(out.same_bits(&st), "restore as {world} ranks");
+        }
+    }
+
+    #[test]
+    fn without_torch_the_peer_is_skipped_with_the_reason() {
+        #[derive(clap::Parser)]
+        struct W {
+            #[command(flatten)]
+            a: CkptArgs,
+        }
+        let w = <W as clap::Parser>::try_parse_from(["x", "--torch-python", "/nonexistent/py"]);
+        let (peer, status) = find_peer(&w.unwrap().a);
+        assert!(peer.is_none());
+        assert_eq!(status.status, "skipped");
+        assert!(status.reason.unwrap().contains("/nonexistent/py"));
+        let w = <W as clap::Parser>::try_parse_from(["x", "--peer-ranks", "0"]).unwrap();
+        let (peer, status) = find_peer(&w.a);
+        assert!(peer.is_none());
+        assert_eq!(status.reason.as_deref(), Some("--peer-ranks is 0"));
+    }
+
+    #[test]
+    fn rank_slices_tile_each_array() {
+        let mut st = State::zeroed(10);
+        let slices = rank_slices(&mut st, 3);
+        assert_eq!(slices.len(), 3);
+        let lens: Vec<usize> = slices.iter().map(|s| s[0].len()).collect();
+        assert_eq!(lens, [3, 3, 4]);
+        assert!(slices
+            .iter()
+            .all(|s| s[0].len() == s[1].len() && s[1].len() == s[2].len()));
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! What a result was measured on: cores, memory, git commit, date.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The machine and code a benchmark ran on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
     pub cores: usize,
     pub memory_gib: f64,

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use lazarus_comm::{Communicator, ThreadsComm};
 use lazarus_trainer::train::Trainer;
 use lazarus_trainer::{corpus, TrainConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Options of the train suite.
@@ -26,18 +26,19 @@ pub struct TrainArgs {
     ranks: Vec<usize>,
 }
 
-#[derive(Debug, Serialize)]
-struct Row {
-    model: String,
-    ranks: usize,
-    params: usize,
-    batch: usize,
-    seq: usize,
-    steps: u64,
-    ms_per_step_median: f64,
-    tokens_per_s: f64,
+/// One model at one rank count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    pub model: String,
+    pub ranks: usize,
+    pub params: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: u64,
+    pub ms_per_step_median: f64,
+    pub tokens_per_s: f64,
     /// tokens/s over the same model's 1-rank tokens/s in this run.
-    scaling: f64,
+    pub scaling: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +104,28 @@ fn measure(model: &str, ranks: usize, args: &TrainArgs, data: &Path) -> Result<R
     })
 }
 
+/// The Markdown table, one line per model and rank count.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| model | ranks | params | batch x seq | ms/step (median) | tokens/s | vs 1 rank |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.2}M | {}x{} | {:.1} | {:.0} | {:.2} |\n",
+            r.model,
+            r.ranks,
+            r.params as f64 / 1e6,
+            r.batch,
+            r.seq,
+            r.ms_per_step_median,
+            r.tokens_per_s,
+            r.scaling
+        ));
+    }
+    s
+}
+
 /// Runs the suite, prints the table, writes `train-<date>.json`.
 pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     anyhow::ensure!(args.steps > 0, "--steps must be positive");
@@ -139,21 +162,7 @@ pub fn run(args: &TrainArgs, out: &Path) -> Result<()> {
     };
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("| model | ranks | params | batch x seq | ms/step (median) | tokens/s | vs 1 rank |");
-    println!("|---|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.2}M | {}x{} | {:.1} | {:.0} | {:.2} |",
-            r.model,
-            r.ranks,
-            r.params as f64 / 1e6,
-            r.batch,
-            r.seq,
-            r.ms_per_step_median,
-            r.tokens_per_s,
-            r.scaling
-        );
-    }
+    print!("{}", table(&rows));
     println!("wrote {}", path.display());
     Ok(())
 }
