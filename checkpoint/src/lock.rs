@@ -133,14 +133,28 @@ fn read_holder(path: &Path) -> Result<Option<LockHolder>> {
     })
 }
 
-/// Whether process `pid` exists on this host (a process we may not signal still exists).
+/// Whether process `pid` exists on this host (a process we may not signal still exists). A
+/// zombie is dead: in a container whose init does not reap orphans, a rank killed after its
+/// launcher exited stays a zombie for good, and must not hold the run directory forever.
 fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
     // SAFETY: signal 0 sends nothing; kill only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    exists && !is_zombie(pid)
+}
+
+/// Whether `pid` is a zombie, from the state field of /proc/PID/stat (false where unreadable).
+fn is_zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(false)
 }
 
 /// This machine's host name ("unknown-host" if it cannot be read).
@@ -163,5 +177,20 @@ mod tests {
     fn own_pid_is_alive_and_hostname_is_nonempty() {
         assert!(pid_alive(std::process::id()));
         assert!(!hostname().is_empty());
+    }
+
+    #[test]
+    fn a_zombie_does_not_count_as_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: once it has exited it is a zombie.
+        let t0 = std::time::Instant::now();
+        while !is_zombie(pid as libc::pid_t) {
+            assert!(t0.elapsed().as_secs() < 10, "`true` did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!pid_alive(pid));
+        child.wait().unwrap();
+        assert!(!pid_alive(pid));
     }
 }
