@@ -2,6 +2,8 @@
 //! `cuda` feature.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Where a model's compute runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,13 +23,19 @@ pub enum KernelError {
          cuda`, or use --device cpu"
     )]
     NotCompiledWithCuda,
+    /// CUDA was asked for but the driver or the device cannot be used.
+    #[error("CUDA is not usable here: {0}; use --device cpu")]
+    CudaUnavailable(String),
 }
 
-/// Checks that `device` can be used by this build.
+/// Checks that `device` can be used by this build on this machine (for CUDA: the driver loads
+/// and the device exists).
 pub fn check_device(device: Device) -> Result<(), KernelError> {
     match device {
         Device::Cpu => Ok(()),
-        Device::Cuda { .. } if cfg!(feature = "cuda") => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal } => cuda::probe(ordinal).map(|_| ()),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => Err(KernelError::NotCompiledWithCuda),
     }
 }
