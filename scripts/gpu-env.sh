@@ -11,7 +11,8 @@ roots=("$@")
 link_dir="${LAZARUS_GPU_LINK_DIR:-${TMPDIR:-/tmp}/lazarus-gpu-libs}"
 mkdir -p "$link_dir"
 dirs=$(find "${roots[@]}" \( -name 'libcublas.so*' -o -name 'libcublasLt.so*' \
-  -o -name 'libnvrtc.so*' -o -name 'libnccl.so*' \) -printf '%h\n' 2>/dev/null | sort -u)
+  -o -name 'libnvrtc.so*' -o -name 'libnccl.so*' \) -printf '%h\n' 2>/dev/null |
+  grep -v '/stubs' | sort -u)  # a toolkit's stub libraries would shadow the real driver
 for d in $dirs; do
   case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
   if [ -e "$d/libnccl.so.2" ] && [ ! -e "$d/libnccl.so" ]; then

@@ -7,7 +7,8 @@
 //! - restore: reading and verifying the last committed checkpoint ("resumed from" line);
 //! - first step: the first completed step after the restore;
 //!
-//! and the steps of work lost (the last step logged before the kill minus the step resumed at).
+//! and the steps of work lost (the last step logged before the kill minus the step resumed at;
+//! a lower bound, as the ranks may finish a step or two between that line and the kill).
 //! It drives the real `lazarus` binary: with MPI (a build with `--features mpi` and `mpirun` on
 //! the PATH) the ranks are processes and one of them is killed; otherwise the ranks are threads
 //! of one process, and that process is killed, which the JSON records.
@@ -302,6 +303,13 @@ fn measure(model: &str, args: &RecoveryArgs, bin: &Path, work: &Path) -> Result<
         st.success(),
         "lazarus launch ended with {st}:\n{}",
         tail(&seen)
+    );
+    // The ranks may run on a little between the log line and the kill; a commit in that gap
+    // would make the loss look smaller than it was, so such a measurement is refused.
+    ensure!(
+        resumed_at <= last_step,
+        "the run committed step {resumed_at} after step {last_step} was logged and before the \
+         kill landed; use a larger --save-every"
     );
     let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
     Ok(Row {

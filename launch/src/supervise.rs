@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use lazarus_trainer::run::HEARTBEAT_FILE;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -57,14 +57,19 @@ fn child_command(args: &LaunchArgs) -> Result<Command> {
         }
         c
     };
-    c.arg("--no-progress");
+    if !args.command.iter().any(|a| a == "--no-progress") {
+        c.arg("--no-progress");
+    }
     // Its own session, so that ranks left behind by a failed attempt (mpirun may exit before
     // every rank has, and puts each rank in a process group of its own) can be found and
     // killed before the next attempt starts.
-    // SAFETY: setsid(2) is async-signal-safe, as pre_exec requires.
+    // Outside the terminal's session the ranks would outlive a supervisor that dies (a closed
+    // terminal, the OOM killer): the child gets SIGTERM when the supervisor goes, and stops
+    // with a checkpoint.
+    // SAFETY: setsid(2) and prctl(2) are async-signal-safe, as pre_exec requires.
     unsafe {
         c.pre_exec(|| {
-            if libc::setsid() < 0 {
+            if libc::setsid() < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -149,19 +154,21 @@ fn watch(
     child: &mut Child,
     args: &LaunchArgs,
     run_dir: &Path,
-    signal: &AtomicUsize,
+    signals: &Signals,
     started: SystemTime,
 ) -> Result<Ended> {
-    let mut forwarded = 0;
+    let mut forwarded = signals.count.load(Ordering::SeqCst);
     loop {
         if let Some(st) = child.try_wait()? {
             return Ok(Ended::Exited(st));
         }
-        let sig = signal.load(Ordering::SeqCst);
-        if sig != 0 && forwarded != sig {
+        // Every arrival is passed on, so a second Ctrl-C reaches the ranks as a second one.
+        let count = signals.count.load(Ordering::SeqCst);
+        if count != forwarded {
+            let sig = signals.last.load(Ordering::SeqCst) as i32;
             eprintln!("lazarus launch: forwarding signal {sig} to the ranks");
-            send(child, sig as i32);
-            forwarded = sig;
+            send(child, sig);
+            forwarded = count;
         }
         // The heartbeat counts only once this attempt has written one.
         let fresh = std::fs::metadata(run_dir.join(HEARTBEAT_FILE))
@@ -178,6 +185,39 @@ fn watch(
     }
 }
 
+/// The signals the supervisor received: how many, and the last one (SIGHUP counts as SIGTERM:
+/// a closed terminal stops the run with a checkpoint).
+struct Signals {
+    count: Arc<AtomicUsize>,
+    last: Arc<AtomicUsize>,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let s = Signals {
+            count: Arc::new(AtomicUsize::new(0)),
+            last: Arc::new(AtomicUsize::new(0)),
+        };
+        for sig in [SIGTERM, SIGUSR1, SIGINT, SIGHUP] {
+            let (count, last) = (Arc::clone(&s.count), Arc::clone(&s.last));
+            let fwd = if sig == SIGHUP { SIGTERM } else { sig } as usize;
+            // SAFETY: the handler only stores to atomics.
+            unsafe {
+                signal_hook::low_level::register(sig, move || {
+                    last.store(fwd, Ordering::SeqCst);
+                    count.fetch_add(1, Ordering::SeqCst);
+                })
+            }
+            .context("installing signal handlers")?;
+        }
+        Ok(s)
+    }
+
+    fn seen(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+}
+
 /// Runs `lazarus launch`; returns the exit code.
 pub fn launch(args: &LaunchArgs) -> Result<u8> {
     let target = crate::slurm::TrainTarget::of(&args.command)?;
@@ -185,17 +225,17 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
         bail!("--nproc must be positive");
     }
     let run_dir = target.run_dir;
-    let signal = Arc::new(AtomicUsize::new(0));
-    for sig in [SIGTERM, SIGUSR1, SIGINT] {
-        signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
-            .context("installing signal handlers")?;
-    }
+    let signals = Signals::install()?;
     let mut failures = 0u32;
     let mut backoff = Duration::from_millis(args.backoff_ms);
     loop {
+        if signals.seen() {
+            eprintln!("lazarus launch: stopped by a signal before the next attempt");
+            return Ok(1);
+        }
         let started = SystemTime::now();
         let mut child = child_command(args)?.spawn().context("starting the ranks")?;
-        let ended = watch(&mut child, args, &run_dir, &signal, started)?;
+        let ended = watch(&mut child, args, &run_dir, &signals, started)?;
         if target.complete_marker.exists() {
             eprintln!("lazarus launch: training complete");
             return Ok(0);
@@ -205,12 +245,19 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
                 tear_down(&mut child, Duration::from_millis(args.kill_grace_ms));
                 format!("no heartbeat for {} ms", args.hang_timeout_ms)
             }
-            Ended::Exited(st) if signal.load(Ordering::SeqCst) != 0 => {
+            Ended::Exited(st) if signals.seen() => {
                 eprintln!("lazarus launch: stopped by a signal ({st}); not restarting");
                 return Ok(if st.success() { 0 } else { 1 });
             }
             Ended::Exited(st) if st.success() => {
                 "the ranks stopped before the end (preempted)".to_string()
+            }
+            Ended::Exited(st) if st.code() == Some(2) => {
+                eprintln!(
+                    "lazarus launch: the train command was refused (usage or configuration \
+                     error, exit 2); not restarting"
+                );
+                return Ok(2);
             }
             Ended::Exited(st) => format!("the ranks failed ({st})"),
         };
@@ -236,7 +283,11 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
             backoff.as_millis(),
             args.restarts_max
         );
-        std::thread::sleep(backoff);
+        // The back-off ends early when a stop signal arrives.
+        let t0 = Instant::now();
+        while t0.elapsed() < backoff && !signals.seen() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         backoff = (backoff * 2).min(Duration::from_millis(args.backoff_max_ms.max(1)));
     }
 }

@@ -146,3 +146,25 @@ fn launch_survives_five_mixed_preemptions_bit_identically() {
             .unwrap();
     assert!(state["restarts"].as_u64().unwrap() >= 5, "{state}");
 }
+
+#[test]
+fn a_refused_train_command_is_not_restarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("bad");
+    // `--no-progress` given by the user too: the supervisor must not add it a second time.
+    let t0 = Instant::now();
+    let o = lazarus()
+        .args(["launch", "--nproc", "1", "--backoff-ms", "5000", "--"])
+        .args(["train", "--model", "d99", "--no-progress", "--run-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("d99") && t.contains("not restarting"), "{t}");
+    assert!(!t.contains("restarting in"), "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "it waited out a back-off: {t}"
+    );
+}
