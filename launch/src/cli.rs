@@ -28,6 +28,10 @@ pub enum Command {
     Eval(crate::eval_cmd::EvalArgs),
     /// Supervise the ranks of one machine: restart them after a failure or hang.
     Launch(crate::supervise::LaunchArgs),
+    /// Start N rank processes of one machine with their rank, world size, local rank and a
+    /// rendezvous key in the environment (for `--comm nccl`, as mpirun does for MPI); the group
+    /// ends as one when a rank fails.
+    Ranks(crate::ranks::RanksArgs),
     /// Print a SLURM batch script for a preemptible partition (requeue, signal forwarding).
     Sbatch(crate::slurm::SbatchArgs),
     /// Where a run stands: step, newest checkpoint, loss, speed, ETA, restarts, errors.
@@ -121,16 +125,19 @@ pub struct TrainArgs {
     /// Number of ranks in this process (threads); with `--comm mpi` the world comes from MPI.
     #[arg(long, default_value_t = 1, value_parser = positive_usize)]
     pub ranks: usize,
-    /// How ranks talk: `threads` (ranks in this process) or `mpi` (one process per rank, under
-    /// mpirun or srun --mpi=pmix; needs a build with the `mpi` feature).
+    /// How ranks talk: `threads` (ranks in this process), `mpi` (one process per rank, under
+    /// mpirun or srun --mpi=pmix; needs a build with the `mpi` feature) or `nccl` (one process
+    /// per GPU, under `lazarus launch`, `lazarus ranks` or srun; needs the `cuda` feature and
+    /// `--device cuda`).
     #[arg(long, value_enum, default_value_t = CommArg::Threads)]
     pub comm: CommArg,
     /// Deadline of every collective, in ms: a dead or hung peer becomes an error after it.
     #[arg(long, default_value_t = lazarus_comm::COLLECTIVE_TIMEOUT_MS_DEFAULT)]
     pub collective_timeout_ms: u64,
-    /// Compute device.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    /// Compute device (default: the config's `device`, else cpu). `cuda` needs a build with
+    /// the `cuda` feature; each rank uses the GPU of its local rank.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
     /// Never draw a progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
@@ -169,13 +176,23 @@ pub enum CommArg {
     #[default]
     Threads,
     Mpi,
+    /// One process per GPU (under `lazarus ranks`/`launch` or srun); needs the `cuda` feature.
+    Nccl,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum DeviceArg {
-    #[default]
     Cpu,
     Cuda,
+}
+
+impl From<DeviceArg> for lazarus_trainer::config::ComputeDevice {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Cpu => Self::Cpu,
+            DeviceArg::Cuda => Self::Cuda,
+        }
+    }
 }
 
 fn positive_u64(s: &str) -> std::result::Result<u64, String> {
@@ -254,6 +271,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Status(a) => crate::status_cmd::run(&a),
         Command::Launch(a) => crate::supervise::launch(&a),
+        Command::Ranks(a) => crate::ranks::run(&a),
         Command::Sbatch(a) => crate::slurm::sbatch(&a).map(|()| 0),
         Command::Train(args) => crate::train_cmd::train(args).map(|()| 0),
         Command::Data(DataCommand::Synth { out, bytes, seed }) => {

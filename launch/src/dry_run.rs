@@ -3,10 +3,11 @@
 //! (or a stated budget), the size of a checkpoint and the time per step from a few steps trained
 //! in memory, then exits without training or writing to the run directory.
 
-use crate::cli::{DeviceArg, TrainArgs};
+use crate::cli::TrainArgs;
 use anyhow::{bail, Context, Result};
 use lazarus_comm::{SingleRank, ThreadsComm};
 use lazarus_trainer::checkpoint::{discover_committed, list_checkpoints, lock_holder};
+use lazarus_trainer::config::ComputeDevice;
 use lazarus_trainer::data::DataSource;
 use lazarus_trainer::estimate::{checkpoint_bytes, max_batch_fitting, MemoryEstimate};
 use lazarus_trainer::run::CHECKPOINTS_DIR;
@@ -38,9 +39,12 @@ pub fn dry_run(args: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
     let world = args.ranks;
     cfg.validate(world)?;
     println!("dry run: nothing is trained and nothing is written");
-    if args.device == DeviceArg::Cuda {
+    if cfg.device == ComputeDevice::Cuda {
         lazarus_kernels::check_device(lazarus_kernels::Device::Cuda { ordinal: 0 })?;
-        bail!("device cuda: the CUDA training path is not available in this version; use --device cpu");
+        bail!(
+            "device cuda: --dry-run estimates host memory for CPU runs only; it has no device \
+             memory estimate for --device cuda yet"
+        );
     }
     let parts = parts(args, cfg, world)?;
     let (budget, source) = budget(args)?;

@@ -5,6 +5,7 @@ mod ckpt_cmd;
 mod cli;
 mod dry_run;
 mod eval_cmd;
+mod ranks;
 mod signals;
 mod slurm;
 mod status_cmd;

@@ -130,6 +130,8 @@ fn quote(s: &str) -> String {
 pub struct TrainTarget {
     pub run_dir: PathBuf,
     pub complete_marker: PathBuf,
+    /// How the ranks talk (`--comm`).
+    pub comm: crate::cli::CommArg,
 }
 
 impl TrainTarget {
@@ -167,6 +169,7 @@ impl TrainTarget {
         Ok(TrainTarget {
             complete_marker: done_dir.join(lazarus_trainer::train::files::COMPLETE),
             run_dir: cfg.run_dir,
+            comm: args.comm,
         })
     }
 }

@@ -1,9 +1,10 @@
 //! `lazarus launch`: the local supervisor. It runs the ranks of one machine as a child
-//! (`mpirun -np N lazarus train --comm mpi ...` in a build with MPI, else `lazarus train
-//! --ranks N ...`), forwards signals to it, notices a child that died or whose heartbeat
+//! (`lazarus ranks --nproc N -- lazarus train ...` for `--comm nccl`, `mpirun -np N lazarus
+//! train --comm mpi ...` in a build with MPI, else `lazarus train --ranks N ...`), forwards signals to it, notices a child that died or whose heartbeat
 //! stopped, tears it down (SIGTERM, then SIGKILL after a grace) and starts it again, which
 //! resumes from the last committed checkpoint, with bounded back-off.
 
+use crate::cli::CommArg;
 use anyhow::{bail, Context, Result};
 use lazarus_trainer::run::HEARTBEAT_FILE;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -40,9 +41,17 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
-fn child_command(args: &LaunchArgs) -> Result<Command> {
+fn child_command(args: &LaunchArgs, comm: CommArg) -> Result<Command> {
     let me = std::env::current_exe().context("finding the lazarus binary")?;
-    let mut c = if args.nproc > 1 && cfg!(feature = "mpi") {
+    let mut c = if comm == CommArg::Nccl {
+        // One process per GPU, each told its rank in the environment.
+        let mut c = Command::new(&me);
+        c.args(["ranks", "--nproc", &args.nproc.to_string()])
+            .args(["--kill-grace-ms", &args.kill_grace_ms.to_string(), "--"])
+            .arg(&me)
+            .args(&args.command);
+        c
+    } else if args.nproc > 1 && cfg!(feature = "mpi") {
         let mut c = Command::new("mpirun");
         c.args(["--oversubscribe", "-np", &args.nproc.to_string()])
             .arg(&me)
@@ -224,7 +233,7 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
     if args.nproc == 0 {
         bail!("--nproc must be positive");
     }
-    let run_dir = target.run_dir;
+    let run_dir = target.run_dir.clone();
     let signals = Signals::install()?;
     let mut failures = 0u32;
     let mut backoff = Duration::from_millis(args.backoff_ms);
@@ -234,7 +243,9 @@ pub fn launch(args: &LaunchArgs) -> Result<u8> {
             return Ok(1);
         }
         let started = SystemTime::now();
-        let mut child = child_command(args)?.spawn().context("starting the ranks")?;
+        let mut child = child_command(args, target.comm)?
+            .spawn()
+            .context("starting the ranks")?;
         let ended = watch(&mut child, args, &run_dir, &signals, started)?;
         if target.complete_marker.exists() {
             eprintln!("lazarus launch: training complete");

@@ -1,11 +1,12 @@
 //! `lazarus train`: resolves the configuration (file, then flags), makes the default data when
 //! it is missing, runs training, and prints log lines or a progress bar.
 
-use crate::cli::{CommArg, DeviceArg, TrainArgs};
+use crate::cli::{CommArg, TrainArgs};
 use crate::slurm::SlurmTask;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use lazarus_comm::{CommError, SingleRank, ThreadsComm};
+use lazarus_trainer::config::ComputeDevice;
 use lazarus_trainer::run;
 use lazarus_trainer::run::{Resume, RunOptions, RunOutcome};
 use lazarus_trainer::snapshot::RestoreParts;
@@ -54,6 +55,9 @@ pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.ckpt_fail_fast {
         c.ckpt_fail_fast = true;
+    }
+    if let Some(d) = args.device {
+        c.device = d.into();
     }
     Ok(c)
 }
@@ -169,6 +173,125 @@ fn run_threads(
     }
 }
 
+/// Where an NCCL rank stands: rank, world size, local rank (its GPU) and the key that names
+/// this start of the group. From SLURM inside an srun step, else from `lazarus ranks`, else a
+/// group of one.
+fn nccl_task(slurm: Option<&SlurmTask>, get: impl Fn(&str) -> Option<String>) -> Result<NcclTask> {
+    use crate::ranks::env;
+    let num = |var: &str| -> Result<Option<usize>> {
+        get(var)
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("{var}={v:?} is not a non-negative integer"))
+            })
+            .transpose()
+    };
+    // `lazarus ranks` (also inside a batch script, where SLURM names one task) comes first.
+    if let Some(rank) = num(env::RANK)? {
+        let world_size = num(env::WORLD_SIZE)?.ok_or_else(|| {
+            anyhow::anyhow!("{} is set but {} is not", env::RANK, env::WORLD_SIZE)
+        })?;
+        if rank >= world_size {
+            anyhow::bail!(
+                "{}={rank} is not below {}={world_size}",
+                env::RANK,
+                env::WORLD_SIZE
+            );
+        }
+        return Ok(NcclTask {
+            rank,
+            world_size,
+            local_rank: num(env::LOCAL_RANK)?.unwrap_or(rank),
+            key: get(env::RENDEZVOUS_KEY).ok_or_else(|| {
+                anyhow::anyhow!("{} is set but {} is not", env::RANK, env::RENDEZVOUS_KEY)
+            })?,
+        });
+    }
+    if let Some(t) = slurm {
+        // The step id and the restart count keep a requeued job from reading an old id file.
+        let step = get("SLURM_STEP_ID").unwrap_or_else(|| "batch".into());
+        return Ok(NcclTask {
+            rank: t.rank,
+            world_size: t.world_size,
+            local_rank: t.local_rank,
+            key: format!("slurm-{}-{step}-{}", t.job_id, t.restart_count),
+        });
+    }
+    Ok(NcclTask {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        key: format!("single-{}", std::process::id()),
+    })
+}
+
+/// One NCCL rank's place in its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NcclTask {
+    rank: usize,
+    world_size: usize,
+    local_rank: usize,
+    key: String,
+}
+
+/// Runs this process's NCCL rank: the group's unique id passes through a file in the run
+/// directory, written by rank 0.
+#[cfg(feature = "cuda")]
+fn run_nccl(
+    cfg: &TrainConfig,
+    opts: RunOptions,
+    slurm: Option<&SlurmTask>,
+    timeout_ms: u64,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Option<RunOutcome>> {
+    if cfg.device != ComputeDevice::Cuda {
+        return Err(TrainError::Config(
+            "--comm nccl moves data between GPUs: add --device cuda".into(),
+        )
+        .into());
+    }
+    let t = nccl_task(slurm, |k| std::env::var(k).ok())?;
+    std::fs::create_dir_all(&cfg.run_dir)
+        .map_err(|e| TrainError::io("creating", &cfg.run_dir, e))?;
+    let comm = anyhow::Context::context(
+        lazarus_comm::NcclComm::init(
+            t.rank,
+            t.world_size,
+            t.local_rank,
+            &cfg.run_dir,
+            &t.key,
+            std::time::Duration::from_millis(timeout_ms),
+        ),
+        "starting NCCL",
+    )?;
+    let r = t.rank;
+    let result = if r == 0 {
+        run::run(cfg.clone(), opts, Box::new(comm), on_event)
+    } else {
+        run::run(cfg.clone(), opts, Box::new(comm), &mut |ev| {
+            warn_only(r, ev)
+        })
+    };
+    match result {
+        Ok(o) => Ok((r == 0).then_some(o)),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("rank {r} of {}", t.world_size))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_nccl(
+    _: &TrainConfig,
+    _: RunOptions,
+    slurm: Option<&SlurmTask>,
+    _: u64,
+    _: &mut dyn FnMut(Event),
+) -> Result<Option<RunOutcome>> {
+    // Checked anyway, so that a bad environment is reported first.
+    nccl_task(slurm, |k| std::env::var(k).ok())?;
+    anyhow::bail!("this build of lazarus has no NCCL support: rebuild with `cargo build --release -p lazarus --features cuda`, or use --comm threads or mpi")
+}
+
 /// Runs this process's MPI rank. After success MPI is finalized; after an error the whole
 /// job is aborted, since the other ranks may be blocked in a collective waiting for this one.
 #[cfg(feature = "mpi")]
@@ -243,9 +366,10 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
     if let Some(name) = &args.stage {
         cfg.stage_index(name)?;
     }
-    if args.device == DeviceArg::Cuda {
+    if cfg.device == ComputeDevice::Cuda {
+        // Fails at once, before any file is written, in a build without CUDA or on a machine
+        // without a usable GPU; each rank opens its own device later.
         lazarus_kernels::check_device(lazarus_kernels::Device::Cuda { ordinal: 0 })?;
-        anyhow::bail!("the CUDA training path is not available in this version; use --device cpu");
     }
     if !cfg.data.exists() && cfg.data == TrainConfig::default().data {
         println!(
@@ -318,6 +442,18 @@ fn train_with(args: TrainArgs, cfg: &TrainConfig) -> Result<()> {
             Some(o) => o,
             None => return Ok(()),
         },
+        CommArg::Nccl => {
+            match run_nccl(
+                &cfg,
+                opts,
+                slurm.as_ref(),
+                args.collective_timeout_ms,
+                &mut on_event,
+            )? {
+                Some(o) => o,
+                None => return Ok(()),
+            }
+        }
         CommArg::Threads if args.ranks > 1 => run_threads(
             &cfg,
             &opts,
@@ -411,4 +547,75 @@ fn list_stages(cfg: &TrainConfig) -> Result<()> {
         before += c.steps;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn an_nccl_rank_finds_its_place_from_ranks_then_slurm_then_alone() {
+        let t = nccl_task(
+            None,
+            vars(&[
+                ("LAZARUS_RANK", "2"),
+                ("LAZARUS_WORLD_SIZE", "4"),
+                ("LAZARUS_LOCAL_RANK", "2"),
+                ("LAZARUS_RENDEZVOUS_KEY", "k1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (t.rank, t.world_size, t.local_rank, t.key.as_str()),
+            (2, 4, 2, "k1")
+        );
+        let slurm = SlurmTask {
+            job_id: "77".into(),
+            rank: 5,
+            world_size: 8,
+            local_rank: 1,
+            restart_count: 3,
+        };
+        let t = nccl_task(Some(&slurm), vars(&[("SLURM_STEP_ID", "0")])).unwrap();
+        assert_eq!((t.rank, t.world_size, t.local_rank), (5, 8, 1));
+        // A requeued job (restart count 4) never reads the id file of restart 3.
+        assert_eq!(t.key, "slurm-77-0-3");
+        let t = nccl_task(None, vars(&[])).unwrap();
+        assert_eq!((t.rank, t.world_size), (0, 1));
+    }
+
+    #[test]
+    fn a_bad_nccl_environment_is_an_error_that_names_the_variable() {
+        let e = nccl_task(
+            None,
+            vars(&[
+                ("LAZARUS_RANK", "4"),
+                ("LAZARUS_WORLD_SIZE", "4"),
+                ("LAZARUS_RENDEZVOUS_KEY", "k"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("LAZARUS_RANK=4 is not below"), "{e}");
+        let e = nccl_task(None, vars(&[("LAZARUS_RANK", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LAZARUS_RANK"), "{e}");
+        let e = nccl_task(
+            None,
+            vars(&[("LAZARUS_RANK", "0"), ("LAZARUS_WORLD_SIZE", "2")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("LAZARUS_RENDEZVOUS_KEY"), "{e}");
+    }
 }

@@ -137,9 +137,23 @@ pub struct TrainConfig {
     pub stats_interval_s: u64,
     /// Peak of the training device in TFLOP/s, for MFU; by default known GPUs' bf16 dense peak.
     pub peak_tflops: Option<f64>,
+    /// Where the model's compute runs: `cpu` (the reference) or `cuda` (builds with the `cuda`
+    /// feature; each rank uses the GPU of its local rank). Checkpoints do not depend on it.
+    pub device: ComputeDevice,
     /// Curriculum stages, run in order; empty for a run of one stage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageConfig>,
+}
+
+/// The device a run computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDevice {
+    /// The rayon reference backend.
+    #[default]
+    Cpu,
+    /// One NVIDIA GPU per rank through the CUDA backend.
+    Cuda,
 }
 
 /// What a stage after the first takes from the previous stage's final checkpoint.
@@ -210,6 +224,7 @@ impl Default for TrainConfig {
             block_size: None,
             stats_interval_s: 30,
             peak_tflops: None,
+            device: ComputeDevice::Cpu,
             stages: Vec::new(),
         }
     }

@@ -4,6 +4,9 @@ pub mod clock;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod cuda_model;
 pub mod error;
 pub mod estimate;
 pub mod eval;

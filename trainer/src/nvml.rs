@@ -158,7 +158,7 @@ impl Drop for Nvml {
 /// NVML's index of the GPU a rank of this node would use: the node-local rank from SLURM or
 /// Open MPI, else 0.
 pub fn local_gpu_index() -> u32 {
-    ["SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"]
+    crate::device::LOCAL_RANK_VARS
         .iter()
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
         .unwrap_or(0)

@@ -425,8 +425,8 @@ struct StepOutput {
 
 impl StepOutput {
     fn new(tr: &Trainer, opts: &RunOptions, on_event: &mut dyn FnMut(Event)) -> Self {
-        // Training runs on the CPU backend, so a GPU that NVML sees is not the training device.
-        let meter = StatsMeter::new(&tr.cfg, &tr.model, false);
+        // On the CPU backend a GPU that NVML sees is not the training device: no MFU from it.
+        let meter = StatsMeter::new(&tr.cfg, &tr.model, tr.on_gpu());
         if let Some(g) = meter.as_ref().and_then(StatsMeter::gpu_description) {
             on_event(Event::Info(format!("live stats include {g} through NVML")));
         }
@@ -592,6 +592,7 @@ fn prepare_lock(run_dir: &Path, on_event: &mut dyn FnMut(Event)) -> Result<Optio
 
 fn describe(tr: &Trainer, on_event: &mut dyn FnMut(Event)) {
     on_event(Event::Info(format!("data: {}", tr.data_description())));
+    on_event(Event::Info(format!("compute: {}", tr.device_description())));
     let m = tr.model;
     on_event(Event::Info(format!(
         "model: {} layers, {} heads, {} channels, vocab {} (padded {}), {:.2}M parameters; {} rank(s), global batch {}x{}x{} tokens",

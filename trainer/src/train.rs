@@ -3,6 +3,7 @@
 
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{Cursor, DataSource, Sampler, Split};
+use crate::device::Accel;
 use crate::error::{Result, TrainError};
 use crate::model::{init_params, Gpt};
 use crate::optim::{adamw_step, learning_rate, slice_segments};
@@ -67,7 +68,10 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub model: ModelConfig,
     comm: Box<dyn Communicator>,
+    /// The CPU model; with an accelerator it holds the layout and no activations.
     gpt: Gpt,
+    /// The device that runs forward and backward, when not the CPU.
+    accel: Option<Accel>,
     data: DataSource,
     sampler: Sampler,
     /// Full flat parameters (padded to a multiple of the world size).
@@ -141,7 +145,12 @@ impl Trainer {
             )));
         }
         let b_local = cfg.batch / world;
-        let gpt = Gpt::new(model, b_local, cfg.seq, true);
+        let accel = Accel::open(cfg.device, comm.rank(), model, b_local, cfg.seq)?;
+        // On an accelerator the host model only lends its layout: no host activations.
+        let gpt = match accel {
+            Some(_) => Gpt::new(model, 0, cfg.seq, false),
+            None => Gpt::new(model, b_local, cfg.seq, true),
+        };
         let total = gpt.layout.total;
         let padded = total.div_ceil(world) * world;
         let shard = padded / world;
@@ -162,6 +171,7 @@ impl Trainer {
             segments,
             params,
             gpt,
+            accel,
             sampler,
             data,
             model,
@@ -221,20 +231,30 @@ impl Trainer {
         let started = Instant::now();
         let (b, t, accum) = (self.local_batch(), self.cfg.seq, self.cfg.accum as u64);
         let dloss = 1.0 / (self.cfg.batch * t * self.cfg.accum) as f32;
-        self.grads.fill(0.0);
-        let mut loss_sum = 0.0f64;
-        for k in 0..accum {
-            self.load_micro_batch(k)?;
-            loss_sum += self.gpt.forward_backward(
-                &self.params,
-                &mut self.grads,
-                &self.inputs,
-                &self.targets,
-                b,
-                t,
-                dloss,
-            );
-        }
+        let loss_sum = match self.accel.take() {
+            Some(mut accel) => {
+                let r = self.accumulate_on(&mut accel, dloss);
+                self.accel = Some(accel);
+                r?
+            }
+            None => {
+                self.grads.fill(0.0);
+                let mut loss_sum = 0.0f64;
+                for k in 0..accum {
+                    self.load_micro_batch(k)?;
+                    loss_sum += self.gpt.forward_backward(
+                        &self.params,
+                        &mut self.grads,
+                        &self.inputs,
+                        &self.targets,
+                        b,
+                        t,
+                        dloss,
+                    );
+                }
+                loss_sum
+            }
+        };
         self.comm
             .reduce_scatter_sum_f32(&self.grads, &mut self.grad_shard)?;
         let mut sums = [cpu::global_norm_squared(&self.grad_shard), loss_sum];
@@ -282,10 +302,39 @@ impl Trainer {
         })
     }
 
+    /// The step's micro-batches on an accelerator: the parameters go up once, the summed
+    /// gradients come back once into `grads`. Returns the sum of the per-token losses.
+    fn accumulate_on(&mut self, accel: &mut Accel, dloss: f32) -> Result<f64> {
+        let (b, t) = (self.local_batch(), self.cfg.seq);
+        accel.begin(&self.params)?;
+        let mut loss_sum = 0.0f64;
+        for k in 0..self.cfg.accum as u64 {
+            self.load_micro_batch(k)?;
+            loss_sum += accel.forward_backward(&self.inputs, &self.targets, b, t, dloss)?;
+        }
+        accel.finish(&mut self.grads)?;
+        Ok(loss_sum)
+    }
+
+    /// The device forward and backward run on.
+    pub fn device_description(&self) -> String {
+        self.accel
+            .as_ref()
+            .map_or_else(|| "CPU".to_string(), Accel::describe)
+    }
+
+    /// Whether forward and backward run on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        self.accel.is_some()
+    }
+
     /// Mean validation loss over `val_batches` fixed micro-batches.
     pub fn validate(&mut self) -> Result<f32> {
         let (b, t) = (self.local_batch(), self.cfg.seq);
         let mut sum = 0.0f64;
+        if let Some(accel) = self.accel.as_mut() {
+            accel.begin(&self.params)?;
+        }
         let split: &Split = &self.data.val;
         for k in 0..self.cfg.val_batches {
             for i in 0..b {
@@ -296,9 +345,12 @@ impl Trainer {
                 );
                 split.read_window(j % split.windows, inp, tgt)?;
             }
-            sum += self
-                .gpt
-                .loss_sum(&self.params, &self.inputs, &self.targets, b, t);
+            sum += match self.accel.as_mut() {
+                Some(accel) => accel.loss_sum(&self.inputs, &self.targets, b, t)?,
+                None => self
+                    .gpt
+                    .loss_sum(&self.params, &self.inputs, &self.targets, b, t),
+            };
         }
         let mut sums = [sum];
         self.comm.all_reduce_sum_f64(&mut sums)?;

@@ -7,6 +7,7 @@ mod eval;
 mod faults;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod rank_group;
 pub mod ranks;
 #[cfg(feature = "mpi")]
 mod slurm;

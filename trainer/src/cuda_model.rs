@@ -1,0 +1,614 @@
+//! The GPT-2 model on the CUDA backend (feature `cuda`): the same forward, fused loss and
+//! backward as `model.rs`, op for op, on device buffers allocated once for a maximum (B, T).
+//!
+//! Parameters arrive from the host once per step and gradients go back once per step; the
+//! optimizer, the collectives and the checkpoint work on the host copies, exactly as on the CPU
+//! backend, so a resume is bit-identical and checkpoints do not depend on the device.
+//!
+//! Shapes: B batch, T sequence, C channels, NH heads, V vocab, Vp padded vocab, L layers.
+
+use crate::config::ModelConfig;
+use crate::layout::Layout;
+use crate::{Result, TrainError};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DriverError};
+use lazarus_kernels::cuda::Gpu;
+use lazarus_kernels::KernelError;
+use std::ops::Range;
+
+/// Saved activations of one block on the device, each sized for (B, T) at capacity.
+struct DevBlock {
+    ln1: CudaSlice<f32>,      // (B,T,C)
+    ln1_mean: CudaSlice<f32>, // (B,T)
+    ln1_rstd: CudaSlice<f32>, // (B,T)
+    qkv: CudaSlice<f32>,      // (B,T,3C)
+    atty: CudaSlice<f32>,     // (B,T,C)
+    att: CudaSlice<f32>,      // (B,NH,T,T)
+    attproj: CudaSlice<f32>,  // (B,T,C)
+    res2: CudaSlice<f32>,     // (B,T,C)
+    ln2: CudaSlice<f32>,      // (B,T,C)
+    ln2_mean: CudaSlice<f32>, // (B,T)
+    ln2_rstd: CudaSlice<f32>, // (B,T)
+    fch: CudaSlice<f32>,      // (B,T,4C)
+    fch_gelu: CudaSlice<f32>, // (B,T,4C)
+    fcproj: CudaSlice<f32>,   // (B,T,C)
+    res3: CudaSlice<f32>,     // (B,T,C)
+}
+
+/// Backward scratch on the device; see `model.rs` for the role of each buffer.
+struct DevScratch {
+    preatt: CudaSlice<f32>,    // (B,NH,T,T)
+    dres: CudaSlice<f32>,      // (B,T,C)
+    dln: CudaSlice<f32>,       // (B,T,C)
+    datty: CudaSlice<f32>,     // (B,T,C)
+    dqkv: CudaSlice<f32>,      // (B,T,3C)
+    dpreatt: CudaSlice<f32>,   // (B,NH,T,T)
+    datt: CudaSlice<f32>,      // (B,NH,T,T)
+    dfch: CudaSlice<f32>,      // (B,T,4C)
+    dfch_gelu: CudaSlice<f32>, // (B,T,4C)
+}
+
+/// The model's compute state on one GPU for batches of at most `max_b` x `max_t` tokens.
+pub struct CudaGpt {
+    gpu: Gpu,
+    pub config: ModelConfig,
+    pub layout: Layout,
+    max_b: usize,
+    max_t: usize,
+    /// Parameters (layout.total), uploaded by `load_params`.
+    params: CudaSlice<f32>,
+    /// Gradients (layout.total), zeroed by `zero_grads`, read back by `read_grads`.
+    grads: CudaSlice<f32>,
+    tokens: CudaSlice<u32>,  // (B,T)
+    targets: CudaSlice<u32>, // (B,T)
+    encoded: CudaSlice<f32>, // (B,T,C)
+    blocks: Vec<DevBlock>,
+    lnf: CudaSlice<f32>,      // (B,T,C)
+    lnf_mean: CudaSlice<f32>, // (B,T)
+    lnf_rstd: CudaSlice<f32>, // (B,T)
+    logits: CudaSlice<f32>,   // (B,T,Vp); dlogits after the fused loss
+    losses: CudaSlice<f32>,   // (B,T)
+    sc: DevScratch,
+    /// Host copy of the per-token losses, summed in f64 on the host.
+    losses_host: Vec<f32>,
+}
+
+/// A driver error as the trainer's error, naming what was being done.
+fn driver(what: &str) -> impl FnOnce(DriverError) -> TrainError + '_ {
+    move |e| TrainError::Kernel(KernelError::Cuda(format!("{what}: {e:?}")))
+}
+
+impl CudaGpt {
+    /// Allocates every device buffer for batches up to (max_b, max_t). Nothing is allocated
+    /// afterwards.
+    pub fn new(gpu: Gpu, config: ModelConfig, max_b: usize, max_t: usize) -> Result<Self> {
+        assert!(
+            max_t <= config.block_size,
+            "T beyond the model's block size"
+        );
+        let layout = Layout::gpt2(&config);
+        let (c, nh, vp) = (config.channels, config.heads, config.padded_vocab);
+        let bt = max_b * max_t;
+        let att = max_b * nh * max_t * max_t;
+        let f = |n: usize| gpu.zeros_f32(n).map_err(TrainError::Kernel);
+        let u = |n: usize| gpu.zeros_u32(n).map_err(TrainError::Kernel);
+        let mut blocks = Vec::with_capacity(config.layers);
+        for _ in 0..config.layers {
+            blocks.push(DevBlock {
+                ln1: f(bt * c)?,
+                ln1_mean: f(bt)?,
+                ln1_rstd: f(bt)?,
+                qkv: f(bt * 3 * c)?,
+                atty: f(bt * c)?,
+                att: f(att)?,
+                attproj: f(bt * c)?,
+                res2: f(bt * c)?,
+                ln2: f(bt * c)?,
+                ln2_mean: f(bt)?,
+                ln2_rstd: f(bt)?,
+                fch: f(bt * 4 * c)?,
+                fch_gelu: f(bt * 4 * c)?,
+                fcproj: f(bt * c)?,
+                res3: f(bt * c)?,
+            });
+        }
+        let sc = DevScratch {
+            preatt: f(att)?,
+            dres: f(bt * c)?,
+            dln: f(bt * c)?,
+            datty: f(bt * c)?,
+            dqkv: f(bt * 3 * c)?,
+            dpreatt: f(att)?,
+            datt: f(att)?,
+            dfch: f(bt * 4 * c)?,
+            dfch_gelu: f(bt * 4 * c)?,
+        };
+        Ok(CudaGpt {
+            params: f(layout.total)?,
+            grads: f(layout.total)?,
+            tokens: u(bt)?,
+            targets: u(bt)?,
+            encoded: f(bt * c)?,
+            blocks,
+            lnf: f(bt * c)?,
+            lnf_mean: f(bt)?,
+            lnf_rstd: f(bt)?,
+            logits: f(bt * vp)?,
+            losses: f(bt)?,
+            sc,
+            losses_host: vec![0.0; bt],
+            layout,
+            config,
+            max_b,
+            max_t,
+            gpu,
+        })
+    }
+
+    /// The device's name, for logs.
+    pub fn device_name(&self) -> &str {
+        &self.gpu.info().name
+    }
+
+    /// Copies the host parameters (at least `layout.total` values) to the device.
+    pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
+        let total = self.layout.total;
+        assert!(params.len() >= total, "parameter buffer too short");
+        self.gpu
+            .stream()
+            .memcpy_htod(&params[..total], &mut self.params)
+            .map_err(driver("uploading the parameters"))
+    }
+
+    /// Zeroes the device gradients (once per optimizer step; micro-batches accumulate).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.gpu
+            .stream()
+            .memset_zeros(&mut self.grads)
+            .map_err(driver("zeroing the gradients"))
+    }
+
+    /// Copies the device gradients into the first `layout.total` values of `grads`.
+    pub fn read_grads(&mut self, grads: &mut [f32]) -> Result<()> {
+        let total = self.layout.total;
+        assert!(grads.len() >= total, "gradient buffer too short");
+        self.gpu
+            .stream()
+            .memcpy_dtoh(&self.grads, &mut grads[..total])
+            .map_err(driver("downloading the gradients"))
+    }
+
+    /// Forward plus loss: the sum of per-token cross-entropy losses over the batch.
+    pub fn loss_sum(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f64> {
+        self.forward(inputs, b, t)?;
+        self.upload_targets(targets)?;
+        let (n, v, vp) = (b * t, self.config.vocab, self.config.padded_vocab);
+        self.gpu.softmax_crossentropy_forward(
+            &mut self.losses.slice_mut(..n),
+            &self.logits.slice(..n * vp),
+            &self.targets.slice(..n),
+            n,
+            v,
+            vp,
+        )?;
+        self.sum_losses(n)
+    }
+
+    /// Forward, fused loss and backward: adds d(dloss * sum of losses)/dparams into the device
+    /// gradients. Returns the sum of the per-token losses.
+    pub fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        dloss: f32,
+    ) -> Result<f64> {
+        self.forward(inputs, b, t)?;
+        self.upload_targets(targets)?;
+        let (n, v, vp, c) = (
+            b * t,
+            self.config.vocab,
+            self.config.padded_vocab,
+            self.config.channels,
+        );
+        self.gpu.softmax_crossentropy_backward(
+            &mut self.logits.slice_mut(..n * vp),
+            &mut self.losses.slice_mut(..n),
+            &self.targets.slice(..n),
+            dloss,
+            n,
+            v,
+            vp,
+        )?;
+        let loss = self.sum_losses(n)?;
+        let lay = &self.layout;
+        let (gpu, sc) = (&self.gpu, &mut self.sc);
+        // Head: the logits buffer holds dlogits; wte is tied, so its gradient gets both the
+        // head's and the embedding's contributions.
+        zero(gpu, &mut sc.dln.slice_mut(..n * c))?;
+        gpu.matmul_backward(
+            &mut sc.dln.slice_mut(..n * c),
+            &mut self.grads.slice_mut(lay.wte.clone()),
+            None,
+            &self.logits.slice(..n * vp),
+            &self.lnf.slice(..n * c),
+            &self.params.slice(lay.wte.clone()),
+            n,
+            c,
+            vp,
+        )?;
+        zero(gpu, &mut sc.dres.slice_mut(..n * c))?;
+        let last = match self.blocks.last() {
+            Some(a) => a.res3.slice(..n * c),
+            None => self.encoded.slice(..n * c),
+        };
+        with_two_mut(
+            &mut self.grads,
+            &lay.lnf_w,
+            &lay.lnf_b,
+            |dw, db| -> Result<()> {
+                gpu.layernorm_backward(
+                    &mut sc.dres.slice_mut(..n * c),
+                    dw,
+                    db,
+                    &sc.dln.slice(..n * c),
+                    &last,
+                    &self.params.slice(lay.lnf_w.clone()),
+                    &self.lnf_mean.slice(..n),
+                    &self.lnf_rstd.slice(..n),
+                    n,
+                    c,
+                )?;
+                Ok(())
+            },
+        )?;
+        for l in (0..self.config.layers).rev() {
+            let residual = if l == 0 {
+                self.encoded.slice(..n * c)
+            } else {
+                self.blocks[l - 1].res3.slice(..n * c)
+            };
+            block_backward(
+                gpu,
+                &self.config,
+                lay,
+                l,
+                &self.blocks[l],
+                sc,
+                &residual,
+                &self.params,
+                &mut self.grads,
+                b,
+                t,
+            )?;
+        }
+        let tokens = self.tokens.slice(..n);
+        with_two_mut(&mut self.grads, &lay.wte, &lay.wpe, |dwte, dwpe| {
+            gpu.encoder_backward(dwte, dwpe, &sc.dres.slice(..n * c), &tokens, b, t, c)
+                .map_err(TrainError::Kernel)
+        })?;
+        Ok(loss)
+    }
+
+    fn upload_targets(&mut self, targets: &[u32]) -> Result<()> {
+        let n = targets.len();
+        self.gpu
+            .stream()
+            .memcpy_htod(targets, &mut self.targets.slice_mut(..n))
+            .map_err(driver("uploading the targets"))
+    }
+
+    /// Sums the first `n` per-token losses on the host in f64, in token order, like the CPU.
+    fn sum_losses(&mut self, n: usize) -> Result<f64> {
+        self.gpu
+            .stream()
+            .memcpy_dtoh(&self.losses.slice(..n), &mut self.losses_host[..n])
+            .map_err(driver("downloading the losses"))?;
+        Ok(self.losses_host[..n].iter().map(|&x| x as f64).sum())
+    }
+
+    /// Forward pass over `inputs` (B,T); leaves the logits (B,T,Vp) on the device.
+    fn forward(&mut self, inputs: &[u32], b: usize, t: usize) -> Result<()> {
+        assert!(b <= self.max_b && t <= self.max_t && inputs.len() == b * t);
+        let (c, nh, vp) = (
+            self.config.channels,
+            self.config.heads,
+            self.config.padded_vocab,
+        );
+        let n = b * t;
+        let gpu = &self.gpu;
+        gpu.stream()
+            .memcpy_htod(inputs, &mut self.tokens.slice_mut(..n))
+            .map_err(driver("uploading the tokens"))?;
+        let lay = &self.layout;
+        let params = &self.params;
+        let p = |r: &Range<usize>| params.slice(r.clone());
+        gpu.encoder_forward(
+            &mut self.encoded.slice_mut(..n * c),
+            &self.tokens.slice(..n),
+            &p(&lay.wte),
+            &p(&lay.wpe),
+            b,
+            t,
+            c,
+        )?;
+        for l in 0..self.config.layers {
+            let (done, rest) = self.blocks.split_at_mut(l);
+            let a = &mut rest[0];
+            let residual = if l == 0 {
+                self.encoded.slice(..n * c)
+            } else {
+                done[l - 1].res3.slice(..n * c)
+            };
+            let w = &lay.blocks[l];
+            gpu.layernorm_forward(
+                &mut a.ln1.slice_mut(..n * c),
+                &mut a.ln1_mean.slice_mut(..n),
+                &mut a.ln1_rstd.slice_mut(..n),
+                &residual,
+                &p(&w.ln1_w),
+                &p(&w.ln1_b),
+                n,
+                c,
+            )?;
+            gpu.matmul_forward(
+                &mut a.qkv.slice_mut(..n * 3 * c),
+                &a.ln1.slice(..n * c),
+                &p(&w.qkv_w),
+                Some(&p(&w.qkv_b)),
+                n,
+                c,
+                3 * c,
+            )?;
+            let att_len = b * nh * t * t;
+            gpu.attention_forward(
+                &mut a.atty.slice_mut(..n * c),
+                &mut self.sc.preatt.slice_mut(..att_len),
+                &mut a.att.slice_mut(..att_len),
+                &a.qkv.slice(..n * 3 * c),
+                b,
+                t,
+                c,
+                nh,
+            )?;
+            gpu.matmul_forward(
+                &mut a.attproj.slice_mut(..n * c),
+                &a.atty.slice(..n * c),
+                &p(&w.attproj_w),
+                Some(&p(&w.attproj_b)),
+                n,
+                c,
+                c,
+            )?;
+            gpu.residual_forward(
+                &mut a.res2.slice_mut(..n * c),
+                &residual,
+                &a.attproj.slice(..n * c),
+            )?;
+            gpu.layernorm_forward(
+                &mut a.ln2.slice_mut(..n * c),
+                &mut a.ln2_mean.slice_mut(..n),
+                &mut a.ln2_rstd.slice_mut(..n),
+                &a.res2.slice(..n * c),
+                &p(&w.ln2_w),
+                &p(&w.ln2_b),
+                n,
+                c,
+            )?;
+            gpu.matmul_forward(
+                &mut a.fch.slice_mut(..n * 4 * c),
+                &a.ln2.slice(..n * c),
+                &p(&w.fc_w),
+                Some(&p(&w.fc_b)),
+                n,
+                c,
+                4 * c,
+            )?;
+            gpu.gelu_forward(
+                &mut a.fch_gelu.slice_mut(..n * 4 * c),
+                &a.fch.slice(..n * 4 * c),
+            )?;
+            gpu.matmul_forward(
+                &mut a.fcproj.slice_mut(..n * c),
+                &a.fch_gelu.slice(..n * 4 * c),
+                &p(&w.fcproj_w),
+                Some(&p(&w.fcproj_b)),
+                n,
+                4 * c,
+                c,
+            )?;
+            gpu.residual_forward(
+                &mut a.res3.slice_mut(..n * c),
+                &a.res2.slice(..n * c),
+                &a.fcproj.slice(..n * c),
+            )?;
+        }
+        let last = match self.blocks.last() {
+            Some(a) => a.res3.slice(..n * c),
+            None => self.encoded.slice(..n * c),
+        };
+        gpu.layernorm_forward(
+            &mut self.lnf.slice_mut(..n * c),
+            &mut self.lnf_mean.slice_mut(..n),
+            &mut self.lnf_rstd.slice_mut(..n),
+            &last,
+            &p(&lay.lnf_w),
+            &p(&lay.lnf_b),
+            n,
+            c,
+        )?;
+        gpu.matmul_forward(
+            &mut self.logits.slice_mut(..n * vp),
+            &self.lnf.slice(..n * c),
+            &p(&lay.wte),
+            None,
+            n,
+            c,
+            vp,
+        )?;
+        Ok(())
+    }
+}
+
+/// Zeroes a device view.
+fn zero(gpu: &Gpu, view: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    gpu.stream()
+        .memset_zeros(view)
+        .map_err(driver("zeroing a gradient buffer"))
+}
+
+/// Runs `f` with mutable views of two disjoint ranges of `buf` (in either order). The
+/// backward kernels of a linear or LayerNorm layer write the weight and the bias gradient at
+/// once, and cudarc hands out two mutable views of one buffer only through a split.
+fn with_two_mut<R>(
+    buf: &mut CudaSlice<f32>,
+    a: &Range<usize>,
+    b: &Range<usize>,
+    f: impl FnOnce(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+) -> Result<R> {
+    if a.start <= b.start {
+        assert!(a.end <= b.start, "overlapping gradient ranges");
+        let (mut lo, mut hi) = buf.split_at_mut(b.start);
+        let (mut x, mut y) = (lo.slice_mut(a.clone()), hi.slice_mut(..b.len()));
+        f(&mut x, &mut y)
+    } else {
+        assert!(b.end <= a.start, "overlapping gradient ranges");
+        let (mut lo, mut hi) = buf.split_at_mut(a.start);
+        let (mut y, mut x) = (lo.slice_mut(b.clone()), hi.slice_mut(..a.len()));
+        f(&mut x, &mut y)
+    }
+}
+
+/// Backward through block `l`: `sc.dres` holds d(block output) on entry and d(block input)
+/// on exit. The same sequence of ops as the CPU model's `block_backward`.
+#[allow(clippy::too_many_arguments)]
+fn block_backward(
+    gpu: &Gpu,
+    cfg: &ModelConfig,
+    lay: &Layout,
+    l: usize,
+    a: &DevBlock,
+    sc: &mut DevScratch,
+    residual: &CudaView<'_, f32>,
+    params: &CudaSlice<f32>,
+    grads: &mut CudaSlice<f32>,
+    b: usize,
+    t: usize,
+) -> Result<()> {
+    let (c, nh) = (cfg.channels, cfg.heads);
+    let n = b * t;
+    let w = &lay.blocks[l];
+    let p = |r: &Range<usize>| params.slice(r.clone());
+    // MLP: res3 = res2 + fcproj(gelu(fc(ln2(res2)))).
+    zero(gpu, &mut sc.dfch_gelu.slice_mut(..n * 4 * c))?;
+    with_two_mut(grads, &w.fcproj_w, &w.fcproj_b, |dw, db| {
+        gpu.matmul_backward(
+            &mut sc.dfch_gelu.slice_mut(..n * 4 * c),
+            dw,
+            Some(db),
+            &sc.dres.slice(..n * c),
+            &a.fch_gelu.slice(..n * 4 * c),
+            &p(&w.fcproj_w),
+            n,
+            4 * c,
+            c,
+        )
+        .map_err(TrainError::Kernel)
+    })?;
+    zero(gpu, &mut sc.dfch.slice_mut(..n * 4 * c))?;
+    gpu.gelu_backward(
+        &mut sc.dfch.slice_mut(..n * 4 * c),
+        &a.fch.slice(..n * 4 * c),
+        &sc.dfch_gelu.slice(..n * 4 * c),
+    )?;
+    zero(gpu, &mut sc.dln.slice_mut(..n * c))?;
+    with_two_mut(grads, &w.fc_w, &w.fc_b, |dw, db| {
+        gpu.matmul_backward(
+            &mut sc.dln.slice_mut(..n * c),
+            dw,
+            Some(db),
+            &sc.dfch.slice(..n * 4 * c),
+            &a.ln2.slice(..n * c),
+            &p(&w.fc_w),
+            n,
+            c,
+            4 * c,
+        )
+        .map_err(TrainError::Kernel)
+    })?;
+    with_two_mut(grads, &w.ln2_w, &w.ln2_b, |dw, db| {
+        gpu.layernorm_backward(
+            &mut sc.dres.slice_mut(..n * c),
+            dw,
+            db,
+            &sc.dln.slice(..n * c),
+            &a.res2.slice(..n * c),
+            &p(&w.ln2_w),
+            &a.ln2_mean.slice(..n),
+            &a.ln2_rstd.slice(..n),
+            n,
+            c,
+        )
+        .map_err(TrainError::Kernel)
+    })?;
+    // Attention: res2 = residual + attproj(attention(qkv(ln1(residual)))).
+    zero(gpu, &mut sc.datty.slice_mut(..n * c))?;
+    with_two_mut(grads, &w.attproj_w, &w.attproj_b, |dw, db| {
+        gpu.matmul_backward(
+            &mut sc.datty.slice_mut(..n * c),
+            dw,
+            Some(db),
+            &sc.dres.slice(..n * c),
+            &a.atty.slice(..n * c),
+            &p(&w.attproj_w),
+            n,
+            c,
+            c,
+        )
+        .map_err(TrainError::Kernel)
+    })?;
+    let att_len = b * nh * t * t;
+    zero(gpu, &mut sc.dqkv.slice_mut(..n * 3 * c))?;
+    gpu.attention_backward(
+        &mut sc.dqkv.slice_mut(..n * 3 * c),
+        &mut sc.dpreatt.slice_mut(..att_len),
+        &mut sc.datt.slice_mut(..att_len),
+        &sc.datty.slice(..n * c),
+        &a.qkv.slice(..n * 3 * c),
+        &a.att.slice(..att_len),
+        b,
+        t,
+        c,
+        nh,
+    )?;
+    zero(gpu, &mut sc.dln.slice_mut(..n * c))?;
+    with_two_mut(grads, &w.qkv_w, &w.qkv_b, |dw, db| {
+        gpu.matmul_backward(
+            &mut sc.dln.slice_mut(..n * c),
+            dw,
+            Some(db),
+            &sc.dqkv.slice(..n * 3 * c),
+            &a.ln1.slice(..n * c),
+            &p(&w.qkv_w),
+            n,
+            c,
+            3 * c,
+        )
+        .map_err(TrainError::Kernel)
+    })?;
+    with_two_mut(grads, &w.ln1_w, &w.ln1_b, |dw, db| {
+        gpu.layernorm_backward(
+            &mut sc.dres.slice_mut(..n * c),
+            dw,
+            db,
+            &sc.dln.slice(..n * c),
+            residual,
+            &p(&w.ln1_w),
+            &a.ln1_mean.slice(..n),
+            &a.ln1_rstd.slice(..n),
+            n,
+            c,
+        )
+        .map_err(TrainError::Kernel)
+    })
+}
