@@ -612,3 +612,140 @@ fn block_backward(
         .map_err(TrainError::Kernel)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The CUDA model against the CPU model on one tiny GPT-2: the loss and every gradient.
+    //! Skipped (and saying so) where no GPU is usable, unless LAZARUS_REQUIRE_GPU=1.
+
+    use super::*;
+    use crate::model::{init_params, Gpt};
+
+    /// Relative tolerance of the f32 loss sum and of each gradient, measured against the
+    /// largest magnitude in its tensor: the summation orders of the two backends differ.
+    const LOSS_REL_TOL: f64 = 1e-5;
+    const GRAD_REL_TOL: f32 = 1e-4;
+
+    fn gpu_or_skip() -> Option<Gpu> {
+        match Gpu::open(0) {
+            Ok(g) => Some(g),
+            Err(e) if std::env::var("LAZARUS_REQUIRE_GPU").as_deref() == Ok("1") => {
+                panic!("LAZARUS_REQUIRE_GPU=1 but no GPU: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: no usable GPU here ({e})");
+                None
+            }
+        }
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            layers: 2,
+            heads: 2,
+            channels: 32,
+            vocab: 50,
+            padded_vocab: 64,
+            block_size: 16,
+        }
+    }
+
+    fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect()
+    }
+
+    #[test]
+    fn the_cuda_model_matches_the_cpu_model_and_repeats_bit_identically() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let cfg = tiny();
+        let (b, t) = (2, 16);
+        let layout = Layout::gpt2(&cfg);
+        let mut params = vec![0.0f32; layout.total];
+        init_params(&layout, &cfg, 7, &mut params);
+        let (inp, tgt) = (tokens(b * t, 1, cfg.vocab), tokens(b * t, 2, cfg.vocab));
+        let dloss = 1.0 / (b * t) as f32;
+
+        let mut cpu = Gpt::new(cfg, b, t, true);
+        let mut want = vec![0.0f32; layout.total];
+        let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
+
+        let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
+        let mut run = |dev: &mut CudaGpt| {
+            dev.load_params(&params).unwrap();
+            dev.zero_grads().unwrap();
+            let loss = dev.forward_backward(&inp, &tgt, b, t, dloss).unwrap();
+            let mut g = vec![f32::NAN; layout.total];
+            dev.read_grads(&mut g).unwrap();
+            (loss, g)
+        };
+        let (loss_gpu, got) = run(&mut dev);
+        assert!(
+            (loss_gpu - loss_cpu).abs() <= LOSS_REL_TOL * loss_cpu.abs(),
+            "loss: cuda {loss_gpu} vs cpu {loss_cpu}"
+        );
+        for tensor in &layout.tensors {
+            let r = tensor.range();
+            let scale = want[r.clone()].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for i in r {
+                assert!(
+                    (got[i] - want[i]).abs() <= GRAD_REL_TOL * scale.max(1e-6),
+                    "{} [{}]: cuda {} vs cpu {} (largest {scale})",
+                    tensor.name,
+                    i - tensor.offset,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+        // Deterministic kernels: the same inputs give the same bits.
+        let (loss_again, again) = run(&mut dev);
+        assert_eq!(loss_again.to_bits(), loss_gpu.to_bits());
+        assert!(again
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Validation (forward and loss only) gives the training pass's loss.
+        let l = dev.loss_sum(&inp, &tgt, b, t).unwrap();
+        assert_eq!(l.to_bits(), loss_gpu.to_bits());
+    }
+
+    #[test]
+    fn micro_batches_accumulate_into_the_gradients() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let cfg = tiny();
+        let (b, t) = (1, 8);
+        let layout = Layout::gpt2(&cfg);
+        let mut params = vec![0.0f32; layout.total];
+        init_params(&layout, &cfg, 3, &mut params);
+        let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
+        dev.load_params(&params).unwrap();
+        let batches: Vec<(Vec<u32>, Vec<u32>)> = (0..2)
+            .map(|k| (tokens(t, 10 + k, cfg.vocab), tokens(t, 20 + k, cfg.vocab)))
+            .collect();
+        let mut each = Vec::new();
+        for (i, o) in &batches {
+            dev.zero_grads().unwrap();
+            dev.forward_backward(i, o, b, t, 0.5).unwrap();
+            let mut g = vec![0.0f32; layout.total];
+            dev.read_grads(&mut g).unwrap();
+            each.push(g);
+        }
+        dev.zero_grads().unwrap();
+        for (i, o) in &batches {
+            dev.forward_backward(i, o, b, t, 0.5).unwrap();
+        }
+        let mut both = vec![0.0f32; layout.total];
+        dev.read_grads(&mut both).unwrap();
+        for k in 0..layout.total {
+            let sum = each[0][k] + each[1][k];
+            assert!(
+                (both[k] - sum).abs() <= 1e-6 * sum.abs().max(1.0),
+                "[{k}] {} vs {sum}",
+                both[k]
+            );
+        }
+    }
+}
