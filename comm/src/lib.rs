@@ -1,18 +1,26 @@
 //! Collectives between Lazarus ranks: the `Communicator` trait, its error type, and the
 //! one-rank backend. Multi-rank backends implement the same trait: `ThreadsComm` (ranks as
-//! threads of one process) and `MpiComm` (feature `mpi`, one rank per process). Sums add the
-//! ranks' contributions in rank order in every backend, so results are bit-identical.
+//! threads of one process), `MpiComm` (feature `mpi`, one rank per process) and `NcclComm`
+//! (feature `cuda`, one rank per GPU). `ThreadsComm` and `MpiComm` add the ranks' contributions
+//! in rank order, so their results are bit-identical to each other; NCCL picks its own order
+//! (see the `nccl` module).
 
 use std::time::Duration;
 
 mod kind;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+// The NCCL id exchange and the watchdog's timing logic need no GPU: test builds compile them
+// without the feature too, so the default `cargo test` covers them.
+#[cfg(any(feature = "cuda", test))]
+pub mod nccl;
 mod reduce;
 pub mod threads;
 
 #[cfg(feature = "mpi")]
 pub use crate::mpi::MpiComm;
+#[cfg(feature = "cuda")]
+pub use crate::nccl::NcclComm;
 pub use crate::threads::ThreadsComm;
 
 /// Default deadline of a blocking collective: ten minutes.
@@ -21,10 +29,12 @@ pub const COLLECTIVE_TIMEOUT_MS_DEFAULT: u64 = 10 * 60 * 1000;
 /// Everything that can go wrong in a collective.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
-    /// A collective did not complete before its deadline; the listed ranks never arrived.
+    /// A collective did not complete before its deadline; the listed ranks never arrived
+    /// (empty when the backend cannot tell which, as with NCCL).
     #[error(
-        "collective `{op}` timed out after {timeout_ms} ms on rank {rank}: rank(s) {missing:?} did \
-         not arrive (dead or hung peer); the run must be restarted from the last committed checkpoint"
+        "collective `{op}` timed out after {timeout_ms} ms on rank {rank}: {} (dead or hung \
+         peer); the run must be restarted from the last committed checkpoint",
+        describe_missing(.missing)
     )]
     Timeout {
         op: &'static str,
@@ -49,6 +59,23 @@ pub enum CommError {
         op: &'static str,
         detail: String,
     },
+    /// The communicator could not be set up: a library or device is missing, or the ranks could
+    /// not exchange what they need to connect (NCCL's unique id).
+    #[error("{backend} setup on rank {rank}: {detail}")]
+    Setup {
+        backend: &'static str,
+        rank: usize,
+        detail: String,
+    },
+}
+
+/// The part of a timeout message that names the ranks that never arrived.
+fn describe_missing(missing: &[usize]) -> String {
+    if missing.is_empty() {
+        "some rank did not arrive (the backend cannot tell which)".to_string()
+    } else {
+        format!("rank(s) {missing:?} did not arrive")
+    }
 }
 
 /// Result type of this crate.
