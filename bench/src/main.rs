@@ -4,6 +4,7 @@
 //! with small settings.
 
 mod ckpt_suite;
+mod gpu_suite;
 mod machine;
 mod plots;
 mod recovery_suite;
@@ -37,6 +38,10 @@ enum Suite {
     /// Time from SIGKILL of one rank under `lazarus launch` to the first step after the restart:
     /// detection, restart and restore, and the steps of work lost.
     Recovery(recovery_suite::RecoveryArgs),
+    /// On one NVIDIA GPU: d12 (GPT-2 124M) tokens/s and MFU, the checkpoint stall of a run that
+    /// saves at every step, CPU-vs-CUDA loss curves, and the PyTorch GPT-2 peer; skipped (and
+    /// recorded) without a GPU.
+    Gpu(gpu_suite::GpuArgs),
     /// Writes bench/REPORT.md and bench/plots/*.svg from the newest result of each suite.
     Report(report::ReportArgs),
     /// Every suite with small settings (a few minutes on 2 cores), then the report.
@@ -123,6 +128,7 @@ fn main() -> Result<()> {
         Suite::Train(args) => train_suite::run(&args, &cli.out),
         Suite::Ckpt(args) => ckpt_suite::run(&args, &cli.out),
         Suite::Recovery(args) => recovery_suite::run(&args, &cli.out),
+        Suite::Gpu(args) => gpu_suite::run(&args, &cli.out),
         Suite::Report(args) => report::run(&args, &cli.out),
         Suite::All(args) => run_all(&args, &cli.out),
     }

@@ -1,7 +1,9 @@
 //! `lazarus-bench report`: reads the result files of every suite, takes the newest of each
-//! (by `machine.date_utc`) and writes a Markdown report with tables and SVG plots.
+//! (by `machine.date_utc`) and writes a Markdown report with tables and SVG plots. The GPU
+//! section appears only when there is a `gpu` result.
 
 use crate::ckpt_suite::{self, PeerStatus};
+use crate::gpu_suite::{self, GpuReport};
 use crate::machine::Machine;
 use crate::plots::{self, Kind, Panel, Series};
 use crate::train_suite;
@@ -12,8 +14,8 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-/// The suites the report has a section for, in order.
-pub const SUITES: [&str; 3] = ["train", "ckpt", "recovery"];
+/// The suites the report has a section for, in order (`gpu` only when it has a result).
+pub const SUITES: [&str; 4] = ["train", "ckpt", "recovery", "gpu"];
 /// Every plot the report may write; ones not written this time are removed, so the plots
 /// directory never shows a chart of data the report no longer uses.
 const PLOT_FILES: [&str; 6] = [
@@ -87,6 +89,7 @@ pub enum Data {
     Train(TrainFile),
     Ckpt(CkptFile),
     Recovery(RecoveryFile),
+    Gpu(Box<GpuReport>),
 }
 
 impl Data {
@@ -95,7 +98,13 @@ impl Data {
             Data::Train(f) => f.rows.len(),
             Data::Ckpt(f) => f.rows.len(),
             Data::Recovery(f) => f.rows.len(),
+            Data::Gpu(f) => f.rows.len(),
         }
+    }
+
+    /// A `gpu` result of a machine without a GPU: no rows, and the reason.
+    fn is_skip(&self) -> bool {
+        matches!(self, Data::Gpu(g) if g.status == "skipped")
     }
 }
 
@@ -146,9 +155,14 @@ pub fn parse_result(path: &Path, bytes: &[u8]) -> Result<ResultFile> {
         "train" => Data::Train(parse_rows(v, "train")?),
         "ckpt" => Data::Ckpt(parse_rows(v, "ckpt")?),
         "recovery" => Data::Recovery(parse_rows(v, "recovery")?),
+        "gpu" => Data::Gpu(Box::new(parse_rows(v, "gpu")?)),
         other => anyhow::bail!("unknown suite `{other}` (known: {})", SUITES.join(", ")),
     };
-    ensure!(data.rows() > 0, "the `{}` result has no rows", h.suite);
+    ensure!(
+        data.rows() > 0 || data.is_skip(),
+        "the `{}` result has no rows",
+        h.suite
+    );
     Ok(ResultFile {
         path: path.to_path_buf(),
         suite: h.suite,
@@ -540,6 +554,67 @@ fn recovery_section(ctx: &mut Ctx, f: &ResultFile, rec: &RecoveryFile) -> Result
     Ok(md)
 }
 
+/// The GPU section, present only when there is a `gpu` result: the newest measured one, or,
+/// when every `gpu` result is a skip, the newest skip's reason. A later skip on a machine
+/// without a GPU does not hide a measurement.
+fn gpu_section(ctx: &Ctx, files: &[ResultFile]) -> Option<String> {
+    let gpu: Vec<(&ResultFile, &GpuReport)> = files
+        .iter()
+        .filter_map(|f| match &f.data {
+            Data::Gpu(g) => Some((f, g.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let newest = |measured: bool| {
+        gpu.iter()
+            .filter(|(_, g)| (g.status == "measured") == measured)
+            .max_by(|(a, _), (b, _)| {
+                (&a.machine.date_utc, &a.path).cmp(&(&b.machine.date_utc, &b.path))
+            })
+    };
+    let mut md = String::from("## GPU (`gpu`)\n\n");
+    let Some((f, g)) = newest(true) else {
+        let (f, g) = newest(false)?;
+        let l = link(&ctx.report_dir, &f.path);
+        let _ = writeln!(
+            md,
+            "Not measured: the newest `gpu` result ([`{l}`]({l}), {}) was skipped: {}.\n",
+            f.machine.date_utc,
+            g.skip_reason.as_deref().unwrap_or("no reason recorded")
+        );
+        return Some(md);
+    };
+    md.push_str(&ctx.source(f));
+    let m = &g.machine;
+    if let Some(gpu) = m.gpus.first() {
+        let mem = gpu
+            .memory_mib
+            .map_or(String::new(), |v| format!(", {v} MiB"));
+        let _ = writeln!(md, "GPU: {}{mem}, driver {}.\n", gpu.name, gpu.driver);
+    }
+    if let Some(p) = &g.peak_source {
+        let _ = writeln!(md, "MFU peak: {p}.\n");
+    }
+    md.push_str(&gpu_suite::table(&g.rows));
+    md.push('\n');
+    if let Some(c) = &g.curve {
+        let _ = writeln!(md, "{}.\n", gpu_suite::curve_line(c));
+    }
+    match g.peer.as_ref() {
+        Some(p) => match gpu_suite::peer_line(p) {
+            Some(line) => {
+                let _ = writeln!(md, "{line}.\n");
+            }
+            None => {
+                let v = p.torch_version.as_deref().unwrap_or("unknown");
+                let _ = writeln!(md, "PyTorch {v}.\n");
+            }
+        },
+        None => md.push_str("PyTorch peer: not recorded.\n\n"),
+    }
+    Some(md)
+}
+
 const TITLES: [(&str, &str); 3] = [
     ("train", "Training throughput"),
     ("ckpt", "Checkpoints"),
@@ -569,6 +644,8 @@ fn render(ctx: &mut Ctx, loaded: &Loaded) -> Result<(String, Vec<&'static str>)>
                     Data::Train(t) => train_section(ctx, f, t)?,
                     Data::Ckpt(c) => ckpt_section(ctx, f, c)?,
                     Data::Recovery(r) => recovery_section(ctx, f, r)?,
+                    // GPU results have their own section below.
+                    Data::Gpu(_) => unreachable!("TITLES has no gpu entry"),
                 }
             }
         };
@@ -576,6 +653,16 @@ fn render(ctx: &mut Ctx, loaded: &Loaded) -> Result<(String, Vec<&'static str>)>
         if !md.ends_with("\n\n") {
             md.push('\n');
         }
+    }
+    if let Some(gpu) = gpu_section(ctx, &loaded.files) {
+        if loaded
+            .files
+            .iter()
+            .any(|f| matches!(&f.data, Data::Gpu(g) if g.status == "measured"))
+        {
+            measured.push("gpu");
+        }
+        md.push_str(&gpu);
     }
     if !loaded.skipped.is_empty() {
         md.push_str("## Files not used\n\n");
@@ -926,6 +1013,93 @@ mod tests {
         let (md, measured) = write_report(&results, &args).unwrap();
         assert!(measured.is_empty());
         assert_eq!(md.matches("Not measured: no usable").count(), 3, "{md}");
+    }
+
+    fn gpu_json(date: &str, measured: bool) -> Value {
+        let row = |run: &str, tps: f64| {
+            json!({"run": run, "model": "d12", "params": 124475904, "dtype": "f32", "batch": 8,
+                   "seq": 1024, "warmup": 5, "steps": 20, "ms_per_step_median": 8192.0 / tps * 1e3,
+                   "tokens_per_s": tps, "mfu": 0.25, "stats_tokens_per_s": null, "stats_mfu": null,
+                   "ckpt_stall_ms_median": null, "ckpt_stall_ms_max": null,
+                   "step_with_stall_ms_median": null, "slowdown_vs_no_saves": null,
+                   "vs_pytorch": null})
+        };
+        let mut m = machine(date);
+        m["gpu"] = json!("NVIDIA H100 80GB HBM3");
+        m["gpus"] = json!([{"index": 0, "name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15",
+                            "memory_mib": 81559}]);
+        let mut v = json!({"suite": "gpu", "machine": m, "status": "skipped",
+                           "skip_reason": "nvidia-smi not found (no NVIDIA driver on this machine)",
+                           "lazarus": null, "runtime_s": 0.0, "flops_per_token": null,
+                           "peak_tflops": null, "peak_source": null, "rows": [], "curve": null,
+                           "peer": null});
+        if measured {
+            v["status"] = json!("measured");
+            v["skip_reason"] = json!(null);
+            v["peak_source"] = json!("dense bf16 peak of NVIDIA H100 80GB HBM3: 989.4 TFLOP/s");
+            v["rows"] = json!([row("lazarus", 30000.0), row("pytorch", 300000.0)]);
+            v["rows"][0]["vs_pytorch"] = json!(0.1);
+            v["curve"] = json!({"model": "d2", "batch": 8, "seq": 128, "steps": 3,
+                                "cpu_losses": [5.0, 4.0, 3.0], "cuda_losses": [5.0, 4.0, 3.0001],
+                                "max_rel_diff": 3.3e-5, "max_rel_diff_step": 3,
+                                "last_rel_diff": 3.3e-5, "rtol": 1e-3, "within_tolerance": true,
+                                "tolerance": "f32"});
+            v["peer"] = json!({"status": "skipped", "reason": "--no-peer", "python": null,
+                               "torch_version": null, "output": null});
+        }
+        v
+    }
+
+    #[test]
+    fn the_gpu_section_shows_the_newest_measurement_or_the_skip() {
+        let (_tmp, results, args) = setup();
+        let (md, _) = write_report(&results, &args).unwrap();
+        assert!(!md.contains("## GPU"), "no gpu result, no section: {md}");
+
+        write(
+            &results,
+            "gpu-2026-11-20.json",
+            &gpu_json("2026-11-20T00:00:00Z", false),
+        );
+        let (md, measured) = write_report(&results, &args).unwrap();
+        assert!(measured.is_empty());
+        assert!(
+            md.contains("## GPU (`gpu`)\n\nNot measured: the newest `gpu` result")
+                && md.contains("was skipped: nvidia-smi not found"),
+            "{md}"
+        );
+        assert!(!md.contains("Files not used"), "a skip file is used: {md}");
+
+        write(
+            &results,
+            "gpu-2026-11-21.json",
+            &gpu_json("2026-11-21T00:00:00Z", true),
+        );
+        // A later skip on a machine without a GPU does not hide the measurement.
+        write(
+            &results,
+            "gpu-2026-11-22.json",
+            &gpu_json("2026-11-22T00:00:00Z", false),
+        );
+        let (md, measured) = write_report(&results, &args).unwrap();
+        assert_eq!(measured, ["gpu"]);
+        assert!(md.contains("results/gpu-2026-11-21.json"), "{md}");
+        assert!(md.contains("GPU: NVIDIA H100 80GB HBM3, 81559 MiB, driver 550.54.15."));
+        assert!(md.contains("| lazarus | f32 | 124.48M | 8x1024 |"), "{md}");
+        assert!(md.contains("| 25.0% | - | - | - | 0.10 |"), "{md}");
+        assert!(
+            md.contains("d2 loss curve, CPU vs CUDA (f32), 3 steps of 8x128"),
+            "{md}"
+        );
+        assert!(md.contains("PyTorch peer skipped: --no-peer."), "{md}");
+
+        let mut v = gpu_json("2026-11-21T00:00:00Z", true);
+        v["rows"] = json!([]);
+        assert!(
+            err(&v).contains("the `gpu` result has no rows"),
+            "{}",
+            err(&v)
+        );
     }
 
     #[test]
