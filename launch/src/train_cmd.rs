@@ -261,7 +261,7 @@ fn run_nccl(
             t.local_rank,
             &cfg.run_dir,
             &t.key,
-            std::time::Duration::from_millis(timeout_ms),
+            timeout_ms,
         ),
         "starting NCCL",
     )?;

@@ -673,7 +673,7 @@ mod tests {
         let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
 
         let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
-        let mut run = |dev: &mut CudaGpt| {
+        let run = |dev: &mut CudaGpt| {
             dev.load_params(&params).unwrap();
             dev.zero_grads().unwrap();
             let loss = dev.forward_backward(&inp, &tgt, b, t, dloss).unwrap();

@@ -3,10 +3,10 @@
 pub mod clock;
 pub mod config;
 pub mod corpus;
-pub mod data;
-pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda_model;
+pub mod data;
+pub mod device;
 pub mod error;
 pub mod estimate;
 pub mod eval;
