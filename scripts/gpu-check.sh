@@ -4,7 +4,7 @@
 # PASS/FAIL/SKIP; the exit code is the number of failed steps.
 #   1. the GPU tests: every CUDA op against the CPU reference (f32 and bf16), the NVRTC build
 #      and cache, the model's forward/backward on CUDA against the CPU model, the NCCL backend
-#      with one rank (the tests run with LAZARUS_REQUIRE_GPU=1, so a missing GPU fails them);
+#      with one rank (the tests run with LAZARUS_REQUIRE_GPU/NVRTC/NCCL=1: nothing is skipped);
 #   2. d2 trained on --device cuda and on --device cpu: the loss curves must agree;
 #   3. save / SIGKILL / resume on the GPU: the final parameters must equal an uninterrupted run's;
 #   4. the NCCL backend in a real run: `lazarus launch --nproc 1 -- train --comm nccl`;
@@ -20,7 +20,7 @@ mkdir -p "$results"
 results="$(cd "$results" && pwd)"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 . "$here/scripts/gpu-env.sh" >/dev/null
-export LAZARUS_REQUIRE_GPU=1 LAZARUS_REQUIRE_NVRTC=1
+export LAZARUS_REQUIRE_GPU=1 LAZARUS_REQUIRE_NVRTC=1 LAZARUS_REQUIRE_NCCL=1
 export LAZARUS_KERNEL_CACHE="$results/kernel-cache"
 lz="$bundle/bin/lazarus"
 work="$(mktemp -d)"

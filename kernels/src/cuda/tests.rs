@@ -70,6 +70,10 @@ fn gpu(test: &str) -> Option<MutexGuard<'static, Gpu>> {
         Ok(_) => Some(Mutex::new(Gpu::open(0).unwrap_or_else(|e| {
             panic!("a GPU is present but cannot be opened: {e}")
         }))),
+        // On the GPU check a missing device is a failure, not a skip.
+        Err(e) if std::env::var("LAZARUS_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("LAZARUS_REQUIRE_GPU=1 but no usable GPU: {e}")
+        }
         Err(e) => {
             eprintln!("CUDA kernel tests: no usable GPU: {e}");
             None
