@@ -553,7 +553,10 @@ fn gpus_or_skip(ranks: usize) -> bool {
     let required = std::env::var("LAZARUS_REQUIRE_NCCL").as_deref() == Ok("1");
     if let Err(why) = libraries_available() {
         // On the GPU check a missing GPU or NCCL fails the one-rank tests instead of skipping.
-        assert!(!(required && ranks == 1), "LAZARUS_REQUIRE_NCCL=1 but {why}");
+        assert!(
+            !(required && ranks == 1),
+            "LAZARUS_REQUIRE_NCCL=1 but {why}"
+        );
         println!("skipped: no usable CUDA/NCCL here: {why}");
         return false;
     }
