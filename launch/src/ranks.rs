@@ -4,12 +4,11 @@
 //! one: when a rank fails the others get SIGTERM, then SIGKILL after a grace, and the exit code
 //! is the failed rank's; signals sent to the group go to every rank.
 
+use crate::supervise::send;
 use anyhow::{bail, Context, Result};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The variables each rank process is started with.
@@ -49,13 +48,6 @@ fn fresh_key() -> String {
     format!("local-{}-{t}", std::process::id())
 }
 
-fn send(child: &Child, sig: i32) {
-    // SAFETY: kill(2) sends a signal to our own child's pid, which we have not reaped yet.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, sig);
-    }
-}
-
 /// Runs the group; returns the exit code: 0 when every rank succeeded, else the first failed
 /// rank's code (128 + signal for a rank killed by a signal).
 pub fn run(args: &RanksArgs) -> Result<u8> {
@@ -65,20 +57,8 @@ pub fn run(args: &RanksArgs) -> Result<u8> {
             args.nproc
         );
     }
-    let count = Arc::new(AtomicUsize::new(0));
-    let last = Arc::new(AtomicUsize::new(0));
-    for sig in [SIGTERM, SIGUSR1, SIGINT, SIGHUP] {
-        let (count, last) = (Arc::clone(&count), Arc::clone(&last));
-        let fwd = if sig == SIGHUP { SIGTERM } else { sig } as usize;
-        // SAFETY: the handler only stores to atomics.
-        unsafe {
-            signal_hook::low_level::register(sig, move || {
-                last.store(fwd, Ordering::SeqCst);
-                count.fetch_add(1, Ordering::SeqCst);
-            })
-        }
-        .context("installing signal handlers")?;
-    }
+    // The supervisor's handlers: every arrival counted, SIGHUP passed on as SIGTERM.
+    let signals = crate::supervise::Signals::install()?;
     let key = std::env::var(env::RENDEZVOUS_KEY).unwrap_or_else(|_| fresh_key());
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut ranks: Vec<(Child, Option<ExitStatus>)> = Vec::with_capacity(args.nproc);
@@ -112,7 +92,7 @@ pub fn run(args: &RanksArgs) -> Result<u8> {
             }
         }
     }
-    let failed = watch(&mut ranks, &count, &last)?;
+    let failed = watch(&mut ranks, &signals.count, &signals.last)?;
     let Some((rank, status)) = failed else {
         return Ok(0);
     };

@@ -94,7 +94,7 @@ fn heartbeat_age(run_dir: &Path) -> Option<Duration> {
     SystemTime::now().duration_since(m).ok()
 }
 
-fn send(child: &Child, sig: i32) {
+pub(crate) fn send(child: &Child, sig: i32) {
     // SAFETY: kill(2) only sends a signal to our own child's pid.
     unsafe {
         libc::kill(child.id() as libc::pid_t, sig);
@@ -196,13 +196,13 @@ fn watch(
 
 /// The signals the supervisor received: how many, and the last one (SIGHUP counts as SIGTERM:
 /// a closed terminal stops the run with a checkpoint).
-struct Signals {
-    count: Arc<AtomicUsize>,
-    last: Arc<AtomicUsize>,
+pub(crate) struct Signals {
+    pub(crate) count: Arc<AtomicUsize>,
+    pub(crate) last: Arc<AtomicUsize>,
 }
 
 impl Signals {
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         let s = Signals {
             count: Arc::new(AtomicUsize::new(0)),
             last: Arc::new(AtomicUsize::new(0)),
