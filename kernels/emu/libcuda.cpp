@@ -66,6 +66,19 @@ int cuEventSynchronize(void*) { return 0; }
 int cuEventQuery(void*) { return 0; }
 int cuStreamWaitEvent(void*, void*, unsigned) { return 0; }
 int cuStreamSynchronize(void*) { return 0; }
+int cuStreamQuery(void*) { return 0; }
+// Streams are only handles: every call runs to completion before it returns, so any order a
+// program sets up between streams holds trivially (and races between streams cannot show).
+static int g_stream_dummy[64];
+static std::atomic<int> g_streams{0};
+int cuStreamCreate(void** s, unsigned) { *s = &g_stream_dummy[g_streams++ % 64]; return 0; }
+int cuStreamDestroy_v2(void*) { return 0; }
+// Page-locked host memory is plain host memory, never accepted as a kernel argument.
+int cuMemHostAlloc(void** p, size_t n, unsigned) {
+    *p = aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+    return *p ? 0 : 2;  // CUDA_ERROR_OUT_OF_MEMORY
+}
+int cuMemFreeHost(void* p) { free(p); return 0; }
 static CUdeviceptr alloc(size_t n) {
     size_t rounded = (n + 255) / 256 * 256;
     void* p = aligned_alloc(256, rounded ? rounded : 256);

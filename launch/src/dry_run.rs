@@ -9,7 +9,10 @@ use lazarus_comm::{SingleRank, ThreadsComm};
 use lazarus_trainer::checkpoint::{discover_committed, list_checkpoints, lock_holder};
 use lazarus_trainer::config::ComputeDevice;
 use lazarus_trainer::data::DataSource;
-use lazarus_trainer::estimate::{checkpoint_bytes, max_batch_fitting, MemoryEstimate};
+use lazarus_trainer::device::{cuda_memory, DeviceMemory};
+use lazarus_trainer::estimate::{
+    checkpoint_bytes, max_batch_fitting, DeviceEstimate, MemoryEstimate,
+};
 use lazarus_trainer::run::CHECKPOINTS_DIR;
 use lazarus_trainer::snapshot::state_of;
 use lazarus_trainer::stages::stage_dir;
@@ -39,24 +42,36 @@ pub fn dry_run(args: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
     let world = args.ranks;
     cfg.validate(world)?;
     println!("dry run: nothing is trained and nothing is written");
-    if cfg.device == ComputeDevice::Cuda {
-        lazarus_kernels::check_device(lazarus_kernels::Device::Cuda { ordinal: 0 })?;
-        bail!(
-            "device cuda: --dry-run estimates host memory for CPU runs only; it has no device \
-             memory estimate for --device cuda yet"
-        );
-    }
+    // Each rank of a GPU run uses the GPU of its local rank; device 0 stands for them all.
+    let gpu = match cfg.device {
+        ComputeDevice::Cuda => Some(cuda_memory(0)?),
+        ComputeDevice::Cpu => None,
+    };
     let parts = parts(args, cfg, world)?;
     let (budget, source) = budget(args)?;
     println!(
-        "device       cpu, {world} rank(s) in this process; memory {} ({source})",
+        "device       {}, {world} rank(s) in this process; host memory {} ({source})",
+        if gpu.is_some() { "cuda" } else { "cpu" },
         budget.map_or("unknown".into(), gib)
     );
+    if let Some(g) = &gpu {
+        println!(
+            "gpu          {}: {} free of {} after opening it (each rank uses its own GPU)",
+            g.name,
+            gib(g.free),
+            gib(g.total)
+        );
+    }
     let mut problems = Vec::new();
     for p in &parts {
         print_part(p, world);
         if let Some(limit) = budget {
             if let Some(e) = fit_problem(p, world, limit, &source) {
+                problems.push(e);
+            }
+        }
+        if let Some(g) = &gpu {
+            if let Some(e) = device_fit_problem(p, world, g) {
                 problems.push(e);
             }
         }
@@ -151,9 +166,11 @@ fn print_part(p: &Part, world: usize) {
         c.accum,
         c.batch / world
     );
-    println!("{}: memory per rank", p.label);
+    println!("{}: host memory per rank", p.label);
     for (name, bytes) in p.est.terms() {
-        println!("    {name:<30} {:>10}", gib(bytes));
+        if bytes > 0 {
+            println!("    {name:<30} {:>10}", gib(bytes));
+        }
     }
     let total = p.est.total();
     println!(
@@ -185,18 +202,16 @@ fn fit_problem(p: &Part, world: usize, limit: u64, source: &str) -> Option<Strin
         .est
         .terms()
         .iter()
+        .filter(|(_, b)| *b > 0)
         .map(|(n, b)| format!("{n} {}", gib(*b)))
         .collect();
     let c = &p.cfg;
-    let advice = match max_batch_fitting(c, &p.model, world, world, p.train_windows, limit) {
-        Some(b) if b < c.batch => {
-            let accum = (c.batch * c.accum).div_ceil(b);
-            format!(
-                "at most --batch {b} fits (--batch {b} --accum {accum} keeps about the same global batch)"
-            )
-        }
-        _ => "not even one sequence per rank fits: use a smaller model or more memory".into(),
-    };
+    let advice = batch_advice(
+        c,
+        world,
+        max_batch_fitting(c, &p.model, world, world, p.train_windows, limit),
+        "use a smaller model or more memory",
+    );
     Some(format!(
         "{}: batch {} x seq {} does not fit: {world} rank(s) need {} ({need} bytes; per rank: {}) but the memory is {} ({limit} bytes, {source}); {advice}",
         p.label,
@@ -205,6 +220,66 @@ fn fit_problem(p: &Part, world: usize, limit: u64, source: &str) -> Option<Strin
         gib(need),
         terms.join(", "),
         gib(limit)
+    ))
+}
+
+/// What to do when the batch does not fit and at most `max` sequences (a multiple of `world`)
+/// would: the largest fitting batch, and a batch and accumulation within it that keep the
+/// global batch (sequences per optimizer step) at or just above the configured one.
+fn batch_advice(c: &TrainConfig, world: usize, max: Option<usize>, otherwise: &str) -> String {
+    match max {
+        Some(b) if b < c.batch => {
+            let global = c.batch * c.accum;
+            let accum = global.div_ceil(b);
+            let batch = global.div_ceil(accum).div_ceil(world) * world;
+            format!(
+                "at most --batch {b} fits; --batch {batch} --accum {accum} gives {} sequences per step (now {global})",
+                batch * accum
+            )
+        }
+        _ => format!("not even one sequence per rank fits: {otherwise}"),
+    }
+}
+
+/// Prints the GPU memory a rank of `p` needs; the error when it does not fit the free memory.
+fn device_fit_problem(p: &Part, world: usize, g: &DeviceMemory) -> Option<String> {
+    let est = DeviceEstimate::per_rank(&p.cfg, &p.model, world);
+    println!("{}: GPU memory per rank", p.label);
+    for (name, bytes) in est.terms() {
+        println!("    {name:<30} {:>10}", gib(bytes));
+    }
+    let need = est.total();
+    if need <= g.free {
+        println!(
+            "{}: each rank needs {} of its GPU's {} free: fits",
+            p.label,
+            gib(need),
+            gib(g.free)
+        );
+        return None;
+    }
+    let c = &p.cfg;
+    let advice = batch_advice(
+        c,
+        world,
+        DeviceEstimate::max_batch_fitting(c, &p.model, world, g.free),
+        "use a smaller model, a shorter --seq or more ranks",
+    );
+    let terms: Vec<String> = est
+        .terms()
+        .iter()
+        .map(|(n, b)| format!("{n} {}", gib(*b)))
+        .collect();
+    Some(format!(
+        "{}: batch {} x seq {} does not fit on the GPU: each rank needs {} ({need} bytes: {}) but {} has {} free ({} bytes); {advice}",
+        p.label,
+        c.batch,
+        c.seq,
+        gib(need),
+        terms.join(", "),
+        g.name,
+        gib(g.free),
+        g.free
     ))
 }
 

@@ -2,8 +2,8 @@
 //! backward as `model.rs`, op for op, on device buffers allocated once for a maximum (B, T).
 //!
 //! Parameters arrive from the host once per step and gradients go back once per step; the
-//! optimizer, the collectives and the checkpoint work on the host copies, exactly as on the CPU
-//! backend, so a resume is bit-identical and checkpoints do not depend on the device.
+//! collectives work on the host copies, as on the CPU backend, and the optimizer shard with
+//! its checkpoint snapshot lives on the device (`cuda_shard.rs`).
 //!
 //! Shapes: B batch, T sequence, C channels, NH heads, V vocab, Vp padded vocab, L layers.
 
@@ -142,6 +142,69 @@ impl CudaGpt {
             max_t,
             gpu,
         })
+    }
+
+    /// Values allocated on the device besides the parameters and gradients (what
+    /// `estimate::cuda_activation_values` predicts).
+    pub fn activation_values(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|a| {
+                [
+                    &a.ln1,
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    &a.qkv,
+                    &a.atty,
+                    &a.att,
+                    &a.attproj,
+                    &a.res2,
+                    &a.ln2,
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    &a.fch,
+                    &a.fch_gelu,
+                    &a.fcproj,
+                    &a.res3,
+                ]
+                .iter()
+                .map(|x| x.len())
+                .sum::<usize>()
+            })
+            .sum();
+        let sc = &self.sc;
+        let scratch: usize = [
+            &sc.preatt,
+            &sc.dres,
+            &sc.dln,
+            &sc.datty,
+            &sc.dqkv,
+            &sc.dpreatt,
+            &sc.datt,
+            &sc.dfch,
+            &sc.dfch_gelu,
+        ]
+        .iter()
+        .map(|x| x.len())
+        .sum();
+        let rest: usize = [
+            &self.encoded,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.losses,
+        ]
+        .iter()
+        .map(|x| x.len())
+        .sum();
+        blocks + scratch + rest + self.tokens.len() + self.targets.len()
+    }
+
+    /// The GPU the model runs on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
     }
 
     /// The device's name, for logs.
@@ -673,6 +736,11 @@ mod tests {
         let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
 
         let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
+        assert_eq!(
+            dev.activation_values(),
+            crate::estimate::cuda_activation_values(&cfg, b, t),
+            "the dry run's device estimate must follow what the model allocates"
+        );
         let run = |dev: &mut CudaGpt| {
             dev.load_params(&params).unwrap();
             dev.zero_grads().unwrap();

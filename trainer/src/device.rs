@@ -1,16 +1,34 @@
 //! Where a trainer's forward and backward passes run when not on the CPU reference: an
 //! accelerator that takes the parameters once per step, accumulates gradients over the
-//! micro-batches and hands them back. Without the `cuda` feature there is none, and asking for
-//! one is `KernelError::NotCompiledWithCuda`.
+//! micro-batches and hands them back, and that holds the rank's optimizer shard: AdamW runs
+//! there, and a checkpoint's snapshot is copied from there. Without the `cuda` feature there is
+//! none, and asking for one is `KernelError::NotCompiledWithCuda`.
 
-use crate::config::{ComputeDevice, ModelConfig};
+use crate::config::{ComputeDevice, ModelConfig, TrainConfig};
 use crate::Result;
+use std::ops::Range;
 
-/// An accelerator's model state. The enum has no variant in a build without `cuda`.
+/// An accelerator's model and optimizer state. The enum has no variant in a build without
+/// `cuda`.
 pub enum Accel {
     /// One NVIDIA GPU.
     #[cfg(feature = "cuda")]
-    Cuda(Box<crate::cuda_model::CudaGpt>),
+    Cuda(Box<CudaDevice>),
+}
+
+/// The model and the optimizer shard on one GPU.
+#[cfg(feature = "cuda")]
+pub struct CudaDevice {
+    model: crate::cuda_model::CudaGpt,
+    shard: crate::cuda_shard::CudaShard,
+}
+
+/// The size of a rank's optimizer shard: `len` values of the padded flat buffer, the first
+/// `saved_len` of which are model parameters (the rest is padding, never checkpointed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardShape {
+    pub len: usize,
+    pub saved_len: usize,
 }
 
 /// Environment variables that give a process's rank on its node, in the order they are read:
@@ -40,18 +58,18 @@ pub fn device_ordinal(rank: usize, get: impl Fn(&str) -> Option<String>) -> Resu
 // unused.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 impl Accel {
-    /// Opens the device a run asked for, sized for micro-batches of `b` x `t`: `None` for the
-    /// CPU, whose model is the trainer's own.
+    /// Opens the device a run asked for, sized for micro-batches of `b` x `t` and an optimizer
+    /// shard of `shard`: `None` for the CPU, whose model is the trainer's own.
     pub fn open(
         device: ComputeDevice,
         rank: usize,
         model: ModelConfig,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
+        shard: ShardShape,
     ) -> Result<Option<Accel>> {
         match device {
             ComputeDevice::Cpu => Ok(None),
-            ComputeDevice::Cuda => open_cuda(rank, model, b, t).map(Some),
+            ComputeDevice::Cuda => open_cuda(rank, model, b, t, shard).map(Some),
         }
     }
 
@@ -59,7 +77,7 @@ impl Accel {
     pub fn describe(&self) -> String {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref m) => format!("CUDA ({})", m.device_name()),
+            Accel::Cuda(ref d) => format!("CUDA ({})", d.model.device_name()),
         }
     }
 
@@ -68,9 +86,9 @@ impl Accel {
     pub fn begin(&mut self, params: &[f32]) -> Result<()> {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref mut m) => {
-                m.load_params(params)?;
-                m.zero_grads()
+            Accel::Cuda(ref mut d) => {
+                d.model.load_params(params)?;
+                d.model.zero_grads()
             }
         }
     }
@@ -87,7 +105,7 @@ impl Accel {
     ) -> Result<f64> {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref mut m) => m.forward_backward(inputs, targets, b, t, dloss),
+            Accel::Cuda(ref mut d) => d.model.forward_backward(inputs, targets, b, t, dloss),
         }
     }
 
@@ -95,7 +113,7 @@ impl Accel {
     pub fn loss_sum(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f64> {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref mut m) => m.loss_sum(inputs, targets, b, t),
+            Accel::Cuda(ref mut d) => d.model.loss_sum(inputs, targets, b, t),
         }
     }
 
@@ -103,21 +121,115 @@ impl Accel {
     pub fn finish(&mut self, grads: &mut [f32]) -> Result<()> {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref mut m) => m.read_grads(grads),
+            Accel::Cuda(ref mut d) => d.model.read_grads(grads),
+        }
+    }
+
+    /// Replaces the optimizer shard on the device with host values (each of the shard's
+    /// length): the initial parameters with zeroed moments, or a restored checkpoint.
+    pub fn load_shard(&mut self, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Accel::Cuda(ref mut d) => d.shard.load(d.model.gpu(), params, m, v),
+        }
+    }
+
+    /// AdamW on the device's shard with the reduced gradient slice `grads`; the updated
+    /// parameter slice comes back in `params_out`. Arguments as in `optim::adamw_step`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        cfg: &TrainConfig,
+        segments: &[(Range<usize>, bool)],
+        own_start: usize,
+        grads: &[f32],
+        lr: f32,
+        step: u64,
+        params_out: &mut [f32],
+    ) -> Result<()> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Accel::Cuda(ref mut d) => d.shard.update(
+                d.model.gpu(),
+                cfg,
+                segments,
+                own_start,
+                grads,
+                lr,
+                step,
+                params_out,
+            ),
+        }
+    }
+
+    /// Starts copying the shard's state (as of the last update) to the host; returns at once.
+    pub fn begin_snapshot(&mut self) -> Result<()> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Accel::Cuda(ref mut d) => d.shard.begin_snapshot(d.model.gpu()),
+        }
+    }
+
+    /// Waits for the copy started by `begin_snapshot` and returns the parameters, m and v of
+    /// the rank's saved slice.
+    pub fn snapshot(&mut self) -> Result<(&[f32], &[f32], &[f32])> {
+        match *self {
+            #[cfg(feature = "cuda")]
+            Accel::Cuda(ref mut d) => d.shard.snapshot(),
         }
     }
 }
 
+/// A GPU's memory as the dry run sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub name: String,
+    /// Free bytes after opening the device (its context, kernels and cuBLASLt already taken).
+    pub free: u64,
+    pub total: u64,
+}
+
+/// Opens GPU `ordinal` as a run would (driver, NVRTC, kernels, cuBLASLt) and reads its memory.
 #[cfg(feature = "cuda")]
-fn open_cuda(rank: usize, model: ModelConfig, b: usize, t: usize) -> Result<Accel> {
+pub fn cuda_memory(ordinal: usize) -> Result<DeviceMemory> {
+    let gpu = lazarus_kernels::cuda::Gpu::open(ordinal)?;
+    let (free, total) = gpu.memory()?;
+    Ok(DeviceMemory {
+        name: gpu.info().name.clone(),
+        free,
+        total,
+    })
+}
+
+/// Without the `cuda` feature there is no GPU to read: the error says to rebuild.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_memory(_ordinal: usize) -> Result<DeviceMemory> {
+    Err(lazarus_kernels::KernelError::NotCompiledWithCuda.into())
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(
+    rank: usize,
+    model: ModelConfig,
+    b: usize,
+    t: usize,
+    shard: ShardShape,
+) -> Result<Accel> {
     let ordinal = device_ordinal(rank, |k| std::env::var(k).ok())?;
     let gpu = lazarus_kernels::cuda::Gpu::open(ordinal)?;
-    let m = crate::cuda_model::CudaGpt::new(gpu, model, b, t)?;
-    Ok(Accel::Cuda(Box::new(m)))
+    let shard = crate::cuda_shard::CudaShard::new(&gpu, shard.len, shard.saved_len)?;
+    let model = crate::cuda_model::CudaGpt::new(gpu, model, b, t)?;
+    Ok(Accel::Cuda(Box::new(CudaDevice { model, shard })))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_rank: usize, _model: ModelConfig, _b: usize, _t: usize) -> Result<Accel> {
+fn open_cuda(
+    _rank: usize,
+    _model: ModelConfig,
+    _b: usize,
+    _t: usize,
+    _shard: ShardShape,
+) -> Result<Accel> {
     Err(lazarus_kernels::KernelError::NotCompiledWithCuda.into())
 }
 
@@ -172,12 +284,16 @@ mod tests {
             padded_vocab: 8,
             block_size: 4,
         };
-        let e = Accel::open(ComputeDevice::Cuda, 0, m, 1, 4)
+        let shard = ShardShape {
+            len: 8,
+            saved_len: 8,
+        };
+        let e = Accel::open(ComputeDevice::Cuda, 0, m, (1, 4), shard)
             .err()
             .expect("no CUDA in this build")
             .to_string();
         assert!(e.contains("--features cuda"), "{e}");
-        assert!(Accel::open(ComputeDevice::Cpu, 0, m, 1, 4)
+        assert!(Accel::open(ComputeDevice::Cpu, 0, m, (1, 4), shard)
             .unwrap()
             .is_none());
     }

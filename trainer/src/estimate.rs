@@ -4,7 +4,7 @@
 //! `Trainer::new`, `Gpt::new` or the checkpoint writer, so the total can be held against the
 //! peak resident memory of a real run.
 
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{ComputeDevice, ModelConfig, TrainConfig};
 use crate::layout::Layout;
 use crate::model::Gpt;
 
@@ -34,6 +34,9 @@ pub struct MemoryEstimate {
     /// The shard file mapped while a save writes it: file-backed and reclaimable, but resident
     /// (and counted in RSS) until the save is done.
     pub ckpt_write_map: u64,
+    /// Pinned host memory the GPU's snapshot is copied into (the slice's parameters, m and v);
+    /// zero on the CPU.
+    pub pinned_snapshot: u64,
     /// The data loader's shuffled window order.
     pub data_index: u64,
     /// Code, libraries and allocator.
@@ -54,7 +57,13 @@ impl MemoryEstimate {
         let shard = padded / world as u64;
         let b = (cfg.batch / world).max(1);
         let f32s = |x: u64| x * 4;
-        let acts = Gpt::buffer_floats(model, b, cfg.seq, true) as u64;
+        let gpu = cfg.device == ComputeDevice::Cuda;
+        // On a GPU the host model only lends its layout: no host activations.
+        let acts = if gpu {
+            Gpt::buffer_floats(model, 0, cfg.seq, false) as u64
+        } else {
+            Gpt::buffer_floats(model, b, cfg.seq, true) as u64
+        };
         let tokens = 2 * (b * cfg.seq) as u64;
         let own = shard.min(n);
         MemoryEstimate {
@@ -65,13 +74,14 @@ impl MemoryEstimate {
             activations: f32s(acts + tokens),
             staging: f32s(3 * own),
             ckpt_write_map: f32s(3 * own) + SHARD_HEADER_BYTES_MAX,
+            pinned_snapshot: if gpu { f32s(3 * own) } else { 0 },
             data_index: 4 * train_windows as u64,
             runtime: RUNTIME_BYTES,
         }
     }
 
     /// Named terms, in the order they are printed.
-    pub fn terms(&self) -> [(&'static str, u64); 9] {
+    pub fn terms(&self) -> [(&'static str, u64); 10] {
         [
             ("parameters", self.params),
             ("gradients", self.grads),
@@ -80,6 +90,7 @@ impl MemoryEstimate {
             ("activations", self.activations),
             ("checkpoint staging", self.staging),
             ("checkpoint write map", self.ckpt_write_map),
+            ("pinned snapshot", self.pinned_snapshot),
             ("data index", self.data_index),
             ("runtime", self.runtime),
         ]
@@ -97,6 +108,91 @@ impl MemoryEstimate {
             ..cfg.clone()
         };
         Self::per_rank(&one, model, 1, 0).activations
+    }
+}
+
+/// cuBLASLt's workspace (32 MiB on Hopper and later, the largest `Blas::new` asks for) plus the
+/// global norm's partial sums.
+pub const CUDA_WORKSPACE_BYTES: u64 = (32 << 20) + 8 * 1024;
+
+/// Values (f32, and u32 for the tokens) the CUDA model allocates for micro-batches of `b` x `t`
+/// besides its parameters and gradients: each block's saved activations, the backward scratch,
+/// the tokens, the final layernorm, the logits and the losses (`CudaGpt::new`).
+pub fn cuda_activation_values(m: &ModelConfig, b: usize, t: usize) -> usize {
+    let (bt, c) = (b * t, m.channels);
+    let att = b * m.heads * t * t;
+    let per_block = 18 * bt * c + 4 * bt + att;
+    let scratch = 13 * bt * c + 3 * att;
+    let rest = 2 * bt * c + 5 * bt + bt * m.padded_vocab;
+    m.layers * per_block + scratch + rest
+}
+
+/// The GPU memory one rank needs with `device = "cuda"`, in bytes, term by term. The CUDA
+/// context, the kernels and cuBLASLt's handle are not in it: they are already taken from the
+/// free memory it is held against, read after opening the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceEstimate {
+    /// The full parameters the forward pass reads.
+    pub params: u64,
+    /// The full gradients of the backward pass.
+    pub grads: u64,
+    /// The rank's ZeRO-1 slice: master parameters, reduced gradients, AdamW m and v.
+    pub optimizer_shard: u64,
+    /// Activations, backward scratch, tokens and logits of the local micro-batch.
+    pub activations: u64,
+    /// cuBLASLt's workspace and the norm's partial sums.
+    pub workspace: u64,
+}
+
+impl DeviceEstimate {
+    /// The estimate for one of `world` ranks, each on its own GPU.
+    pub fn per_rank(cfg: &TrainConfig, model: &ModelConfig, world: usize) -> Self {
+        let n = Layout::gpt2(model).total as u64;
+        let shard = n.div_ceil(world as u64);
+        let b = (cfg.batch / world).max(1);
+        DeviceEstimate {
+            params: 4 * n,
+            grads: 4 * n,
+            optimizer_shard: 4 * 4 * shard,
+            activations: 4 * cuda_activation_values(model, b, cfg.seq) as u64,
+            workspace: CUDA_WORKSPACE_BYTES,
+        }
+    }
+
+    /// Named terms, in the order they are printed.
+    pub fn terms(&self) -> [(&'static str, u64); 5] {
+        [
+            ("parameters", self.params),
+            ("gradients", self.grads),
+            ("optimizer shard (p, g, m, v)", self.optimizer_shard),
+            ("activations", self.activations),
+            ("cuBLASLt workspace", self.workspace),
+        ]
+    }
+
+    /// Everything a rank allocates on its GPU (all of it at start-up).
+    pub fn total(&self) -> u64 {
+        self.terms().iter().map(|t| t.1).sum()
+    }
+
+    /// The largest global micro-batch (a multiple of `world`) whose per-rank need fits in
+    /// `free` bytes of each GPU; `None` if not even one sequence per rank fits.
+    pub fn max_batch_fitting(
+        cfg: &TrainConfig,
+        model: &ModelConfig,
+        world: usize,
+        free: u64,
+    ) -> Option<usize> {
+        let at = |b: usize| {
+            let c = TrainConfig {
+                batch: b * world,
+                ..cfg.clone()
+            };
+            Self::per_rank(&c, model, world).total()
+        };
+        let per_sample = at(2) - at(1);
+        let samples = (free.checked_sub(at(1))? / per_sample.max(1)) + 1;
+        Some(samples as usize * world)
     }
 }
 
@@ -152,6 +248,54 @@ mod tests {
                 gpt.allocated_floats()
             );
         }
+    }
+
+    #[test]
+    fn a_gpu_run_keeps_activations_on_the_device_and_pins_its_snapshot() {
+        let cpu = TrainConfig {
+            model: "d12".into(),
+            seq: 64,
+            batch: 8,
+            ..Default::default()
+        };
+        let gpu = TrainConfig {
+            device: ComputeDevice::Cuda,
+            ..cpu.clone()
+        };
+        let m = model(&cpu);
+        let (h_cpu, h_gpu) = (
+            MemoryEstimate::per_rank(&cpu, &m, 2, 100),
+            MemoryEstimate::per_rank(&gpu, &m, 2, 100),
+        );
+        assert_eq!(h_cpu.pinned_snapshot, 0);
+        assert_eq!(h_gpu.pinned_snapshot, h_gpu.staging);
+        assert!(h_gpu.activations * 100 < h_cpu.activations);
+        let d = DeviceEstimate::per_rank(&gpu, &m, 2);
+        let n = m.num_params() as u64;
+        assert_eq!((d.params, d.grads), (4 * n, 4 * n));
+        assert_eq!(d.optimizer_shard, 16 * n.div_ceil(2));
+        assert_eq!(
+            d.activations,
+            4 * cuda_activation_values(&m, 4, 64) as u64,
+            "4 sequences per rank"
+        );
+        // The largest batch that fits is exactly at the boundary.
+        let at = |b: usize| {
+            let c = TrainConfig {
+                batch: b,
+                ..gpu.clone()
+            };
+            DeviceEstimate::per_rank(&c, &m, 2).total()
+        };
+        let free = at(10) + 5;
+        assert_eq!(
+            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, free),
+            Some(10)
+        );
+        assert_eq!(
+            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, at(2) - 1),
+            None
+        );
     }
 
     #[test]

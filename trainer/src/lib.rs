@@ -5,6 +5,8 @@ pub mod config;
 pub mod corpus;
 #[cfg(feature = "cuda")]
 pub mod cuda_model;
+#[cfg(feature = "cuda")]
+pub mod cuda_shard;
 pub mod data;
 pub mod device;
 pub mod error;

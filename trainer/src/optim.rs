@@ -34,6 +34,19 @@ pub fn slice_segments(layout: &Layout, own: &Range<usize>) -> Vec<(Range<usize>,
         .collect()
 }
 
+/// AdamW's hyper-parameters for one segment: `step` counts the updates done before this one,
+/// and weight decay applies only where the tensor's flag says so.
+pub fn segment_hparams(cfg: &TrainConfig, decay: bool, lr: f32, step: u64) -> cpu::AdamW {
+    cpu::AdamW {
+        lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: if decay { cfg.weight_decay } else { 0.0 },
+        step: step + 1,
+    }
+}
+
 /// AdamW on the owned slice: `params`, `grads`, `m`, `v` are all indexed relative to
 /// `own.start`; decay applies per segment.
 #[allow(clippy::too_many_arguments)]
@@ -50,14 +63,7 @@ pub fn adamw_step(
 ) {
     for (r, decay) in segments {
         let l = r.start - own_start..r.end - own_start;
-        let hp = cpu::AdamW {
-            lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: if *decay { cfg.weight_decay } else { 0.0 },
-            step: step + 1,
-        };
+        let hp = segment_hparams(cfg, *decay, lr, step);
         cpu::adamw_update(
             &mut params[l.clone()],
             &grads[l.clone()],

@@ -508,8 +508,16 @@ fn train_loop(
     let mut last_val = f32::NAN;
     let first_sample = tr.samples;
     let mut out = lead.then(|| StepOutput::new(tr, opts, on_event));
+    // A save whose snapshot is still being copied off the GPU: handed to the writer in the next
+    // step, between its forward/backward and its update.
+    let mut pending: Option<PendingSave> = None;
     while tr.step < tr.cfg.steps {
-        let mut report = tr.train_step()?;
+        let acc = tr.accumulate()?;
+        let mut stall_ms = None;
+        if let Some(p) = pending.take() {
+            stall_ms = Some(save_snapshot(&mut mgr, tr, p)?);
+        }
+        let mut report = tr.update(acc)?;
         let at_end = tr.step == tr.cfg.steps;
         // Every rank takes part in this vote at every step, so all stop at the same step.
         let signalled = opts
@@ -534,11 +542,22 @@ fn train_loop(
             || stopping
             || (tr.cfg.save_every > 0 && tr.step.is_multiple_of(tr.cfg.save_every));
         if save_due {
-            let state =
-                serde_json::to_value(snapshot::training_state(tr)).expect("state serialises");
-            let stats = mgr.save(tr.step, state, |st| snapshot::fill(tr, st))?;
-            report.ckpt_stall_ms = Some(stats.stall.as_secs_f64() * 1e3);
+            let save = PendingSave {
+                step: tr.step,
+                state: serde_json::to_value(snapshot::training_state(tr))
+                    .expect("state serialises"),
+            };
+            let t0 = Instant::now();
+            tr.begin_snapshot()?;
+            let mut held = t0.elapsed().as_secs_f64() * 1e3;
+            if tr.snapshot_is_async() && !(at_end || stopping) {
+                pending = Some(save);
+            } else {
+                held += save_snapshot(&mut mgr, tr, save)?;
+            }
+            stall_ms = Some(stall_ms.unwrap_or(0.0) + held);
         }
+        report.ckpt_stall_ms = stall_ms;
         let b = if at_end || stopping {
             mgr.finish(tr.comm(), final_timeout)?
         } else {
@@ -578,6 +597,22 @@ fn train_loop(
         trained_tokens,
         started,
     )
+}
+
+/// A checkpoint whose snapshot has been started but not yet handed to the writer.
+struct PendingSave {
+    step: u64,
+    state: serde_json::Value,
+}
+
+/// Waits for the snapshot started for `save` and hands it to the writer. Returns the
+/// milliseconds the loop was held (waiting for the copy, for the writer's slot, and copying
+/// into the staging buffer).
+fn save_snapshot(mgr: &mut CheckpointManager, tr: &mut Trainer, save: PendingSave) -> Result<f64> {
+    let t0 = Instant::now();
+    let state = tr.snapshot()?;
+    mgr.save(save.step, save.state, |st| snapshot::fill(st, state))?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
 fn prepare_lock(run_dir: &Path, on_event: &mut dyn FnMut(Event)) -> Result<Option<RunLock>> {

@@ -16,9 +16,9 @@ pub fn tensor_specs(tr: &Trainer) -> Vec<TensorSpec> {
         .collect()
 }
 
-/// Copies this rank's slices into the staging buffer (the snapshot; training goes on after).
-pub fn fill(tr: &Trainer, st: &mut Staging<'_>) {
-    let (p, m, v) = tr.own_state();
+/// Copies this rank's parameters, m and v (from [`Trainer::snapshot`]) into the staging
+/// buffer; training goes on after.
+pub fn fill(st: &mut Staging<'_>, (p, m, v): (&[f32], &[f32], &[f32])) {
     for (name, src) in [(PARAMS, p), (ADAM_M, m), (ADAM_V, v)] {
         let dst = st
             .f32_mut(name)

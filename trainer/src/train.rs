@@ -3,8 +3,9 @@
 
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{Cursor, DataSource, Sampler, Split};
-use crate::device::Accel;
+use crate::device::{Accel, ShardShape};
 use crate::error::{Result, TrainError};
+use crate::layout::Layout;
 use crate::model::{init_params, Gpt};
 use crate::optim::{adamw_step, learning_rate, slice_segments};
 use lazarus_comm::Communicator;
@@ -31,6 +32,14 @@ pub struct StepReport {
     /// Time the loop was held by a checkpoint save at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ckpt_stall_ms: Option<f64>,
+}
+
+/// The gradients of a step whose update has not run yet (see [`Trainer::accumulate`]).
+#[must_use = "a step's gradients are applied by Trainer::update"]
+pub struct Accumulated {
+    started: Instant,
+    /// Sum of this rank's per-token losses.
+    loss_sum: f64,
 }
 
 /// What the loop tells its caller, for logs and progress bars.
@@ -70,7 +79,8 @@ pub struct Trainer {
     comm: Box<dyn Communicator>,
     /// The CPU model; with an accelerator it holds the layout and no activations.
     gpt: Gpt,
-    /// The device that runs forward and backward, when not the CPU.
+    /// The device that runs forward and backward and holds the optimizer shard, when not the
+    /// CPU. Its shard is the master copy: `m`, `v` here are then only restore buffers.
     accel: Option<Accel>,
     data: DataSource,
     sampler: Sampler,
@@ -145,20 +155,28 @@ impl Trainer {
             )));
         }
         let b_local = cfg.batch / world;
-        let accel = Accel::open(cfg.device, comm.rank(), model, b_local, cfg.seq)?;
+        let total = Layout::gpt2(&model).total;
+        let padded = total.div_ceil(world) * world;
+        let shard = padded / world;
+        let own = comm.rank() * shard..(comm.rank() + 1) * shard;
+        let shape = ShardShape {
+            len: shard,
+            saved_len: own.end.min(total).saturating_sub(own.start.min(total)),
+        };
+        let mut accel = Accel::open(cfg.device, comm.rank(), model, (b_local, cfg.seq), shape)?;
         // On an accelerator the host model only lends its layout: no host activations.
         let gpt = match accel {
             Some(_) => Gpt::new(model, 0, cfg.seq, false),
             None => Gpt::new(model, b_local, cfg.seq, true),
         };
-        let total = gpt.layout.total;
-        let padded = total.div_ceil(world) * world;
-        let shard = padded / world;
-        let own = comm.rank() * shard..(comm.rank() + 1) * shard;
         let mut params = vec![0.0f32; padded];
         init_params(&gpt.layout, &model, cfg.seed, &mut params);
         let segments = slice_segments(&gpt.layout, &own);
         let sampler = Sampler::new(cfg.seed, data.train.windows);
+        if let Some(a) = accel.as_mut() {
+            let zeros = vec![0.0f32; shard];
+            a.load_shard(&params[own.clone()], &zeros, &zeros)?;
+        }
         Ok(Trainer {
             grads: vec![0.0; padded],
             grad_shard: vec![0.0; shard],
@@ -228,6 +246,15 @@ impl Trainer {
     /// One optimizer step: accumulate gradients over micro-batches, reduce-scatter, clip by the
     /// global norm, AdamW on the owned slice, all-gather parameters.
     pub fn train_step(&mut self) -> Result<StepReport> {
+        let acc = self.accumulate()?;
+        self.update(acc)
+    }
+
+    /// The first half of a step: forward and backward over the step's micro-batches, leaving
+    /// this rank's summed gradients in `grads`. Between it and [`Trainer::update`] the
+    /// parameters and the optimizer state are those of the last step (a checkpoint snapshot
+    /// that overlapped the forward and backward is taken there).
+    pub fn accumulate(&mut self) -> Result<Accumulated> {
         let started = Instant::now();
         let (b, t, accum) = (self.local_batch(), self.cfg.seq, self.cfg.accum as u64);
         let dloss = 1.0 / (self.cfg.batch * t * self.cfg.accum) as f32;
@@ -255,6 +282,14 @@ impl Trainer {
                 loss_sum
             }
         };
+        Ok(Accumulated { started, loss_sum })
+    }
+
+    /// The second half of a step: reduce-scatter, clip by the global norm, AdamW on the owned
+    /// slice (on the device that holds it), all-gather parameters.
+    pub fn update(&mut self, acc: Accumulated) -> Result<StepReport> {
+        let Accumulated { started, loss_sum } = acc;
+        let (t, accum) = (self.cfg.seq, self.cfg.accum as u64);
         self.comm
             .reduce_scatter_sum_f32(&self.grads, &mut self.grad_shard)?;
         let mut sums = [cpu::global_norm_squared(&self.grad_shard), loss_sum];
@@ -271,19 +306,32 @@ impl Trainer {
             cpu::scale(&mut self.grad_shard, self.cfg.grad_clip / norm);
         }
         let lr = learning_rate(&self.cfg, self.step);
-        self.param_shard
-            .copy_from_slice(&self.params[self.own.clone()]);
-        adamw_step(
-            &self.cfg,
-            &self.segments,
-            self.own.start,
-            &mut self.param_shard,
-            &self.grad_shard,
-            &mut self.m,
-            &mut self.v,
-            lr,
-            self.optimizer_steps,
-        );
+        match self.accel.as_mut() {
+            Some(accel) => accel.update(
+                &self.cfg,
+                &self.segments,
+                self.own.start,
+                &self.grad_shard,
+                lr,
+                self.optimizer_steps,
+                &mut self.param_shard,
+            )?,
+            None => {
+                self.param_shard
+                    .copy_from_slice(&self.params[self.own.clone()]);
+                adamw_step(
+                    &self.cfg,
+                    &self.segments,
+                    self.own.start,
+                    &mut self.param_shard,
+                    &self.grad_shard,
+                    &mut self.m,
+                    &mut self.v,
+                    lr,
+                    self.optimizer_steps,
+                );
+            }
+        }
         self.comm
             .all_gather_f32(&self.param_shard, &mut self.params)?;
         self.step += 1;
@@ -368,11 +416,31 @@ impl Trainer {
         self.own.start.min(total)..self.own.end.min(total)
     }
 
-    /// The parameters, m and v of this rank's slice, for the checkpoint writer.
-    pub fn own_state(&self) -> (&[f32], &[f32], &[f32]) {
+    /// Whether a checkpoint snapshot is copied asynchronously (from a GPU), so that it can
+    /// overlap the next step's forward and backward.
+    pub fn snapshot_is_async(&self) -> bool {
+        self.accel.is_some()
+    }
+
+    /// Starts the snapshot of this rank's slice as of the last completed step. On a GPU this
+    /// queues the device-to-host copy and returns at once; on the CPU there is nothing to start.
+    pub fn begin_snapshot(&mut self) -> Result<()> {
+        match self.accel.as_mut() {
+            Some(a) => a.begin_snapshot(),
+            None => Ok(()),
+        }
+    }
+
+    /// The parameters, m and v of this rank's slice for the checkpoint writer: on a GPU those
+    /// of the snapshot started by [`Trainer::begin_snapshot`] (waiting for its copy), on the
+    /// CPU the live state.
+    pub fn snapshot(&mut self) -> Result<(&[f32], &[f32], &[f32])> {
         let r = self.own_unpadded();
         let n = r.len();
-        (&self.params[r], &self.m[..n], &self.v[..n])
+        match self.accel.as_mut() {
+            Some(a) => a.snapshot(),
+            None => Ok((&self.params[r], &self.m[..n], &self.v[..n])),
+        }
     }
 
     /// Mutable views of this rank's parameter slice, m and v (for restore).
@@ -382,12 +450,16 @@ impl Trainer {
         (&mut self.params[r], &mut self.m[..n], &mut self.v[..n])
     }
 
-    /// Re-assembles the full parameter buffer from every rank's restored slice.
+    /// Re-assembles the full parameter buffer from every rank's restored slice, and puts the
+    /// restored slice with its moments on the device that holds the optimizer shard.
     pub fn gather_params(&mut self) -> Result<()> {
         self.param_shard
             .copy_from_slice(&self.params[self.own.clone()]);
         self.comm
             .all_gather_f32(&self.param_shard, &mut self.params)?;
+        if let Some(a) = self.accel.as_mut() {
+            a.load_shard(&self.param_shard, &self.m, &self.v)?;
+        }
         Ok(())
     }
 

@@ -143,6 +143,16 @@ impl Gpu {
         &self.ctx
     }
 
+    /// The device's free and total memory in bytes, as the driver reports them now (the free
+    /// part excludes what this context already holds: its kernels, cuBLASLt, its buffers).
+    pub fn memory(&self) -> Result<(u64, u64), KernelError> {
+        let (free, total) = self
+            .ctx
+            .mem_get_info()
+            .map_err(driver("reading the device's memory"))?;
+        Ok((free as u64, total as u64))
+    }
+
     /// What went wrong without stopping [`Gpu::open`] (kernel cache trouble, NVRTC warnings),
     /// for the caller to report: this crate never prints.
     pub fn warnings(&self) -> &[String] {

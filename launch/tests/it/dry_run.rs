@@ -259,3 +259,43 @@ fn run_directory_checkpoints_are_checked() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("is not a directory"), "{}", text(&o));
 }
+
+/// `--dry-run --device cuda`: in a build without CUDA, or on a machine without a GPU, the dry
+/// run stops with an error that says which; with a GPU (a build with `cuda`, a device present)
+/// a d12 batch far beyond the GPU's memory fails with the device numbers and a batch that fits.
+#[test]
+fn dry_run_on_cuda_checks_the_gpu_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 300_000);
+    let dir = tmp.path().join("run");
+    let args = ["--device", "cuda", "--model", "d12", "--seq", "1024"];
+    let o = dry(&data, &dir, &[&args[..], &["--batch", "4096"]].concat());
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    let err = t.lines().find(|l| l.starts_with("error: ")).expect(&t);
+    if !t.contains("GPU memory per rank") {
+        assert!(
+            err.contains("--features cuda") || err.contains("libcuda.so.1"),
+            "a run that cannot reach a GPU says why: {err}"
+        );
+        assert!(!dir.exists(), "nothing is written");
+        return;
+    }
+    for needle in [
+        "batch 4096 x seq 1024 does not fit on the GPU",
+        "activations",
+        "free",
+        "at most --batch",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    }
+    let o = dry(
+        &data,
+        &dir,
+        &[&args[..], &["--batch", "1", "--dry-run-steps", "0"]].concat(),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("fits") && t.contains("pinned snapshot"), "{t}");
+}
