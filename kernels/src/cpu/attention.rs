@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::{axpy, dot, is_multiple, Float};
+use super::shapes::{check_attention_backward, check_attention_forward};
+use super::{axpy, dot, Float};
 
 /// Index arithmetic for the attention tensors of one call.
 #[derive(Debug, Clone, Copy)]
@@ -27,17 +28,8 @@ enum Part {
 }
 
 impl Dims {
-    /// Checks the shapes shared by forward and backward and returns the index helper.
-    fn new(what: &str, b: usize, t: usize, c: usize, nh: usize, qkv_len: usize) -> Self {
-        assert!(
-            t > 0 && c > 0 && nh > 0,
-            "{what}: T, C and NH must be positive"
-        );
-        assert!(
-            is_multiple(c, nh),
-            "{what}: C = {c} is not a multiple of NH = {nh}"
-        );
-        assert_eq!(qkv_len, b * t * 3 * c, "{what}: inp must be (B,T,3C)");
+    /// The index helper of checked dimensions (NH divides C).
+    fn new(t: usize, c: usize, nh: usize) -> Self {
         Self {
             t,
             c,
@@ -84,22 +76,8 @@ pub fn attention_forward<F: Float>(
     c: usize,
     nh: usize,
 ) {
-    let dims = Dims::new("attention_forward", b, t, c, nh, inp.len());
-    assert_eq!(
-        out.len(),
-        b * t * c,
-        "attention_forward: out must be (B,T,C)"
-    );
-    assert_eq!(
-        preatt.len(),
-        b * nh * t * t,
-        "attention_forward: preatt must be (B,NH,T,T)"
-    );
-    assert_eq!(
-        att.len(),
-        b * nh * t * t,
-        "attention_forward: att must be (B,NH,T,T)"
-    );
+    check_attention_forward(out.len(), preatt.len(), att.len(), inp.len(), b, t, c, nh);
+    let dims = Dims::new(t, c, nh);
     preatt
         .par_chunks_mut(t * t)
         .zip(att.par_chunks_mut(t * t))
@@ -172,28 +150,19 @@ pub fn attention_backward<F: Float>(
     c: usize,
     nh: usize,
 ) {
-    let dims = Dims::new("attention_backward", b, t, c, nh, inp.len());
-    assert_eq!(
+    check_attention_backward(
         dinp.len(),
-        b * t * 3 * c,
-        "attention_backward: dinp must be (B,T,3C)"
-    );
-    assert_eq!(
+        dpreatt.len(),
+        datt.len(),
         dout.len(),
-        b * t * c,
-        "attention_backward: dout must be (B,T,C)"
+        inp.len(),
+        att.len(),
+        b,
+        t,
+        c,
+        nh,
     );
-    for (name, len) in [
-        ("dpreatt", dpreatt.len()),
-        ("datt", datt.len()),
-        ("att", att.len()),
-    ] {
-        assert_eq!(
-            len,
-            b * nh * t * t,
-            "attention_backward: {name} must be (B,NH,T,T)"
-        );
-    }
+    let dims = Dims::new(t, c, nh);
     datt.par_chunks_mut(t * t)
         .zip(dpreatt.par_chunks_mut(t * t))
         .enumerate()

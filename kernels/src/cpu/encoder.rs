@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::{add_assign, is_multiple, Float};
+use super::shapes::{check_encoder_backward, check_encoder_forward};
+use super::{add_assign, Float};
 
 /// out (B,T,C) = `wte[tokens[b,t]] + wpe[t]`. tokens (B,T) as u32, wte (Vp,C), wpe (maxT,C) with
 /// maxT >= T.
@@ -16,19 +17,7 @@ pub fn encoder_forward<F: Float>(
     t: usize,
     c: usize,
 ) {
-    let n = b * t;
-    assert!(c > 0, "encoder_forward: C must be positive");
-    assert_eq!(out.len(), n * c, "encoder_forward: out must be (B,T,C)");
-    assert_eq!(tokens.len(), n, "encoder_forward: tokens must be (B,T)");
-    assert!(
-        is_multiple(wte.len(), c),
-        "encoder_forward: wte must be (Vp,C)"
-    );
-    assert!(
-        is_multiple(wpe.len(), c) && wpe.len() >= t * c,
-        "encoder_forward: wpe must be (maxT,C) with maxT >= T"
-    );
-    let vp = wte.len() / c;
+    let vp = check_encoder_forward(out.len(), tokens.len(), wte.len(), wpe.len(), b, t, c);
     assert_tokens_below(tokens, vp, "encoder_forward");
     out.par_chunks_mut(c)
         .zip(tokens.par_iter())
@@ -54,18 +43,8 @@ pub fn encoder_backward<F: Float>(
     c: usize,
 ) {
     let n = b * t;
-    assert!(c > 0, "encoder_backward: C must be positive");
-    assert_eq!(dout.len(), n * c, "encoder_backward: dout must be (B,T,C)");
-    assert_eq!(tokens.len(), n, "encoder_backward: tokens must be (B,T)");
-    assert!(
-        is_multiple(dwte.len(), c),
-        "encoder_backward: dwte must be (Vp,C)"
-    );
-    assert!(
-        is_multiple(dwpe.len(), c) && dwpe.len() >= t * c,
-        "encoder_backward: dwpe must be (maxT,C) with maxT >= T"
-    );
-    assert_tokens_below(tokens, dwte.len() / c, "encoder_backward");
+    let vp = check_encoder_backward(dwte.len(), dwpe.len(), dout.len(), tokens.len(), b, t, c);
+    assert_tokens_below(tokens, vp, "encoder_backward");
 
     // Rows sorted by (token, row) let each dwte row be owned by one task that adds its rows in
     // sequence order, so repeated tokens sum the same way for any thread count.

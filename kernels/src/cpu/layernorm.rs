@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::shapes::{check_layernorm_backward, check_layernorm_forward};
 use super::{add_assign, Float, CHANNELS_PER_TASK};
 
 /// The epsilon added to the variance, as in GPT-2.
@@ -20,13 +21,16 @@ pub fn layernorm_forward<F: Float>(
     n: usize,
     c: usize,
 ) {
-    assert!(c > 0, "layernorm_forward: C must be positive");
-    assert_eq!(out.len(), n * c, "layernorm_forward: out must be (N,C)");
-    assert_eq!(inp.len(), n * c, "layernorm_forward: inp must be (N,C)");
-    assert_eq!(mean.len(), n, "layernorm_forward: mean must be (N)");
-    assert_eq!(rstd.len(), n, "layernorm_forward: rstd must be (N)");
-    assert_eq!(weight.len(), c, "layernorm_forward: weight must be (C)");
-    assert_eq!(bias.len(), c, "layernorm_forward: bias must be (C)");
+    check_layernorm_forward(
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        inp.len(),
+        weight.len(),
+        bias.len(),
+        n,
+        c,
+    );
     let (cf, eps) = (F::lit(c as f64), F::lit(EPS));
     out.par_chunks_mut(c)
         .zip(inp.par_chunks(c))
@@ -61,15 +65,18 @@ pub fn layernorm_backward<F: Float>(
     n: usize,
     c: usize,
 ) {
-    assert!(c > 0, "layernorm_backward: C must be positive");
-    assert_eq!(dinp.len(), n * c, "layernorm_backward: dinp must be (N,C)");
-    assert_eq!(dout.len(), n * c, "layernorm_backward: dout must be (N,C)");
-    assert_eq!(inp.len(), n * c, "layernorm_backward: inp must be (N,C)");
-    assert_eq!(dweight.len(), c, "layernorm_backward: dweight must be (C)");
-    assert_eq!(dbias.len(), c, "layernorm_backward: dbias must be (C)");
-    assert_eq!(weight.len(), c, "layernorm_backward: weight must be (C)");
-    assert_eq!(mean.len(), n, "layernorm_backward: mean must be (N)");
-    assert_eq!(rstd.len(), n, "layernorm_backward: rstd must be (N)");
+    check_layernorm_backward(
+        dinp.len(),
+        dweight.len(),
+        dbias.len(),
+        dout.len(),
+        inp.len(),
+        weight.len(),
+        mean.len(),
+        rstd.len(),
+        n,
+        c,
+    );
     input_grad(dinp, dout, inp, weight, mean, rstd);
     param_grads(dweight, dbias, dout, inp, mean, rstd);
 }

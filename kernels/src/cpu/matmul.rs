@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::shapes::{check_matmul_backward, check_matmul_forward};
 use super::{add_column_sums, Float, MatMut, MatRef};
 
 /// out (N,OC) = inp (N,C) · weightᵀ + bias; weight is (OC,C) row-major (llm.c orientation), bias
@@ -16,18 +17,11 @@ pub fn matmul_forward<F: Float>(
     c: usize,
     oc: usize,
 ) {
-    assert!(c > 0 && oc > 0, "matmul_forward: C and OC must be positive");
-    assert_eq!(out.len(), n * oc, "matmul_forward: out must be (N,OC)");
-    assert_eq!(inp.len(), n * c, "matmul_forward: inp must be (N,C)");
-    assert_eq!(
-        weight.len(),
-        oc * c,
-        "matmul_forward: weight must be (OC,C)"
-    );
+    let bias_len = bias.map(<[F]>::len);
+    check_matmul_forward(out.len(), inp.len(), weight.len(), bias_len, n, c, oc);
     // Starting from the bias and accumulating the product saves a second pass over out.
     let beta = match bias {
         Some(bias) => {
-            assert_eq!(bias.len(), oc, "matmul_forward: bias must be (OC)");
             out.par_chunks_mut(oc)
                 .for_each(|row| row.copy_from_slice(bias));
             F::one()
@@ -62,22 +56,16 @@ pub fn matmul_backward<F: Float>(
     c: usize,
     oc: usize,
 ) {
-    assert!(
-        c > 0 && oc > 0,
-        "matmul_backward: C and OC must be positive"
-    );
-    assert_eq!(dinp.len(), n * c, "matmul_backward: dinp must be (N,C)");
-    assert_eq!(
+    check_matmul_backward(
+        dinp.len(),
         dweight.len(),
-        oc * c,
-        "matmul_backward: dweight must be (OC,C)"
-    );
-    assert_eq!(dout.len(), n * oc, "matmul_backward: dout must be (N,OC)");
-    assert_eq!(inp.len(), n * c, "matmul_backward: inp must be (N,C)");
-    assert_eq!(
+        dbias.as_ref().map(|dbias| dbias.len()),
+        dout.len(),
+        inp.len(),
         weight.len(),
-        oc * c,
-        "matmul_backward: weight must be (OC,C)"
+        n,
+        c,
+        oc,
     );
     let one = F::one();
     let dout_m = MatRef::row_major(dout, oc);
@@ -102,7 +90,6 @@ pub fn matmul_backward<F: Float>(
         MatMut::row_major(dweight, c),
     );
     if let Some(dbias) = dbias {
-        assert_eq!(dbias.len(), oc, "matmul_backward: dbias must be (OC)");
         add_column_sums(dbias, dout);
     }
 }

@@ -21,6 +21,7 @@ mod layernorm;
 mod matmul;
 mod optimizer;
 mod pointwise;
+pub(crate) mod shapes;
 mod softmax;
 #[cfg(test)]
 mod test_util;

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::shapes::check_adamw_update;
 use super::ELEMS_PER_TASK;
 
 /// Elements per partial sum in [`global_norm_squared`]. A constant, never the thread count, so
@@ -34,11 +35,7 @@ pub struct AdamW {
 /// p -= lr * (mhat/(sqrt(vhat)+eps) + wd * p). f32 only (master weights are f32). Parallel over
 /// elements; all four slices have the same length.
 pub fn adamw_update(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamW) {
-    let len = params.len();
-    assert_eq!(grads.len(), len, "adamw_update: grads must match params");
-    assert_eq!(m.len(), len, "adamw_update: m must match params");
-    assert_eq!(v.len(), len, "adamw_update: v must match params");
-    assert!(hp.step >= 1, "adamw_update: step is 1-based, got 0");
+    check_adamw_update(params.len(), grads.len(), m.len(), v.len(), hp.step);
     // The corrections are computed in f64 so a large step cannot lose them to f32 rounding.
     let correction1 = (1.0 - f64::from(hp.beta1).powf(hp.step as f64)) as f32;
     let correction2 = (1.0 - f64::from(hp.beta2).powf(hp.step as f64)) as f32;

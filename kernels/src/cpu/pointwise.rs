@@ -2,6 +2,9 @@
 
 use rayon::prelude::*;
 
+use super::shapes::{
+    check_gelu_backward, check_gelu_forward, check_residual_backward, check_residual_forward,
+};
 use super::{Float, ELEMS_PER_TASK};
 
 /// sqrt(2/pi), the scale inside GPT-2's tanh approximation of GELU.
@@ -12,11 +15,7 @@ const GELU_CUBIC: f64 = 0.044715;
 /// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out and inp have
 /// the same length (any shape).
 pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F]) {
-    assert_eq!(
-        out.len(),
-        inp.len(),
-        "gelu_forward: out and inp must have the same length"
-    );
+    check_gelu_forward(out.len(), inp.len());
     let (half, scale, cubic) = (F::lit(0.5), F::lit(GELU_SCALE), F::lit(GELU_CUBIC));
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(inp.par_chunks(ELEMS_PER_TASK))
@@ -29,16 +28,7 @@ pub fn gelu_forward<F: Float>(out: &mut [F], inp: &[F]) {
 
 /// dinp accumulates dout * gelu'(inp). All three have the same length.
 pub fn gelu_backward<F: Float>(dinp: &mut [F], inp: &[F], dout: &[F]) {
-    assert_eq!(
-        dinp.len(),
-        inp.len(),
-        "gelu_backward: dinp and inp must have the same length"
-    );
-    assert_eq!(
-        dout.len(),
-        inp.len(),
-        "gelu_backward: dout and inp must have the same length"
-    );
+    check_gelu_backward(dinp.len(), inp.len(), dout.len());
     let (half, scale, cubic) = (F::lit(0.5), F::lit(GELU_SCALE), F::lit(GELU_CUBIC));
     let cubic3 = F::lit(3.0 * GELU_CUBIC);
     dinp.par_chunks_mut(ELEMS_PER_TASK)
@@ -60,16 +50,7 @@ pub fn gelu_backward<F: Float>(dinp: &mut [F], inp: &[F], dout: &[F]) {
 
 /// out = a + b. All three have the same length.
 pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
-    assert_eq!(
-        out.len(),
-        a.len(),
-        "residual_forward: out and a must have the same length"
-    );
-    assert_eq!(
-        out.len(),
-        b.len(),
-        "residual_forward: out and b must have the same length"
-    );
+    check_residual_forward(out.len(), a.len(), b.len());
     out.par_chunks_mut(ELEMS_PER_TASK)
         .zip(
             a.par_chunks(ELEMS_PER_TASK)
@@ -84,16 +65,7 @@ pub fn residual_forward<F: Float>(out: &mut [F], a: &[F], b: &[F]) {
 
 /// da += dout; db += dout. All three have the same length.
 pub fn residual_backward<F: Float>(da: &mut [F], db: &mut [F], dout: &[F]) {
-    assert_eq!(
-        da.len(),
-        dout.len(),
-        "residual_backward: da and dout must have the same length"
-    );
-    assert_eq!(
-        db.len(),
-        dout.len(),
-        "residual_backward: db and dout must have the same length"
-    );
+    check_residual_backward(da.len(), db.len(), dout.len());
     da.par_chunks_mut(ELEMS_PER_TASK)
         .zip(
             db.par_chunks_mut(ELEMS_PER_TASK)

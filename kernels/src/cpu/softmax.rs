@@ -3,20 +3,13 @@
 
 use rayon::prelude::*;
 
+use super::shapes::{
+    check_softmax_crossentropy_backward, check_softmax_crossentropy_forward, check_softmax_forward,
+};
 use super::Float;
 
-/// Checks the shapes shared by the softmax kernels.
-fn assert_shapes(what: &str, logits_len: usize, n: usize, v: usize, vp: usize) {
-    assert!(
-        v > 0 && v <= vp,
-        "{what}: need 0 < V <= Vp, got V = {v}, Vp = {vp}"
-    );
-    assert_eq!(logits_len, n * vp, "{what}: logits must be (N,Vp)");
-}
-
-/// Checks the targets of a cross-entropy call: (N) values below V.
-fn assert_targets(what: &str, targets: &[u32], n: usize, v: usize) {
-    assert_eq!(targets.len(), n, "{what}: targets must be (N)");
+/// Checks that the targets of a cross-entropy call are below V.
+fn assert_targets_below(what: &str, targets: &[u32], v: usize) {
     let first_bad = targets
         .iter()
         .enumerate()
@@ -42,13 +35,8 @@ pub fn softmax_crossentropy_forward<F: Float>(
     v: usize,
     vp: usize,
 ) {
-    assert_shapes("softmax_crossentropy_forward", logits.len(), n, v, vp);
-    assert_targets("softmax_crossentropy_forward", targets, n, v);
-    assert_eq!(
-        losses.len(),
-        n,
-        "softmax_crossentropy_forward: losses must be (N)"
-    );
+    check_softmax_crossentropy_forward(losses.len(), logits.len(), targets.len(), n, v, vp);
+    assert_targets_below("softmax_crossentropy_forward", targets, v);
     losses
         .par_iter_mut()
         .zip(logits.par_chunks(vp).zip(targets.par_iter()))
@@ -74,19 +62,15 @@ pub fn softmax_crossentropy_backward<F: Float>(
     v: usize,
     vp: usize,
 ) {
-    assert_shapes(
-        "softmax_crossentropy_backward",
+    check_softmax_crossentropy_backward(
         logits_to_dlogits.len(),
+        losses.len(),
+        targets.len(),
         n,
         v,
         vp,
     );
-    assert_targets("softmax_crossentropy_backward", targets, n, v);
-    assert_eq!(
-        losses.len(),
-        n,
-        "softmax_crossentropy_backward: losses must be (N)"
-    );
+    assert_targets_below("softmax_crossentropy_backward", targets, v);
     logits_to_dlogits
         .par_chunks_mut(vp)
         .zip(losses.par_iter_mut().zip(targets.par_iter()))
@@ -114,8 +98,7 @@ pub fn softmax_crossentropy_backward<F: Float>(
 /// Softmax over the first v columns of each row of logits (N,Vp) into probs (N,Vp) (padded
 /// columns 0); used for sampling.
 pub fn softmax_forward<F: Float>(probs: &mut [F], logits: &[F], n: usize, v: usize, vp: usize) {
-    assert_shapes("softmax_forward", logits.len(), n, v, vp);
-    assert_eq!(probs.len(), n * vp, "softmax_forward: probs must be (N,Vp)");
+    check_softmax_forward(probs.len(), logits.len(), n, v, vp);
     probs
         .par_chunks_mut(vp)
         .zip(logits.par_chunks(vp))

@@ -1,7 +1,8 @@
 //! The ops of [`Gpu`]: the CPU reference kernels of [`crate::cpu`] on device views, with the
-//! same names, argument order, shapes, assertions and accumulation rules (backward ops add
-//! into their gradients). Activation-type ops are generic over [`GpuFloat`]; the optimizer,
-//! the norm and the casts work on f32 master values.
+//! same names, argument order, shapes, assertions (the very shape checks of the CPU kernels,
+//! `crate::cpu::shapes`) and accumulation rules (backward ops add into their gradients).
+//! Activation-type ops are generic over [`GpuFloat`]; the optimizer, the norm and the casts
+//! work on f32 master values.
 //!
 //! Two deliberate differences from the CPU signatures: the layernorm's mean and rstd and the
 //! cross-entropy's losses are always f32 (statistics, never stored in bf16), and ids (tokens,
@@ -15,6 +16,13 @@ use super::blas::{self, Operands};
 use super::compile::{COL_LANES, COL_TILE, ROW_THREADS};
 use super::float::{f32_only, GpuFloat};
 use super::gpu::{driver, Gpu, NORM_BLOCKS_MAX, NORM_CHUNK_MIN};
+use crate::cpu::shapes::{
+    check_adamw_update, check_attention_backward, check_attention_forward, check_encoder_backward,
+    check_encoder_forward, check_gelu_backward, check_gelu_forward, check_layernorm_backward,
+    check_layernorm_forward, check_matmul_backward, check_matmul_forward, check_residual_backward,
+    check_residual_forward, check_softmax_crossentropy_backward,
+    check_softmax_crossentropy_forward, check_softmax_forward,
+};
 use crate::cpu::AdamW;
 use crate::KernelError;
 use cudarc::driver::{
@@ -74,11 +82,6 @@ fn launched(name: &'static str) -> impl FnOnce(DriverError) -> KernelError {
     move |e| KernelError::Cuda(format!("launching kernel {name}: {e:?}"))
 }
 
-/// Whether `x` is a whole multiple of a positive `d` (false when `d` is zero).
-fn is_multiple(x: usize, d: usize) -> bool {
-    x.checked_rem(d) == Some(0)
-}
-
 impl Gpu {
     /// out (B,T,C) = `wte[tokens[b,t]] + wpe[t]`. tokens (B,T) as u32, wte (Vp,C), wpe (maxT,C)
     /// with maxT >= T. A token >= Vp gives a row of NaN.
@@ -93,24 +96,14 @@ impl Gpu {
         t: usize,
         c: usize,
     ) -> Result<(), KernelError> {
+        let vp = check_encoder_forward(out.len(), tokens.len(), wte.len(), wpe.len(), b, t, c);
         let n = b * t;
-        assert!(c > 0, "encoder_forward: C must be positive");
-        assert_eq!(out.len(), n * c, "encoder_forward: out must be (B,T,C)");
-        assert_eq!(tokens.len(), n, "encoder_forward: tokens must be (B,T)");
-        assert!(
-            is_multiple(wte.len(), c),
-            "encoder_forward: wte must be (Vp,C)"
-        );
-        assert!(
-            is_multiple(wpe.len(), c) && wpe.len() >= t * c,
-            "encoder_forward: wpe must be (maxT,C) with maxT >= T"
-        );
         if n == 0 {
             return Ok(());
         }
         let name = T::ENTRIES.encoder_forward;
         let (n_, t_, c_) = (int(n, "N"), int(t, "T"), int(c, "C"));
-        let vp = int(wte.len() / c, "Vp");
+        let vp = int(vp, "Vp");
         let mut args = self.stream().launch_builder(self.function(name)?);
         // (T* out, const unsigned* tokens, const T* wte, const T* wpe, int n, int t, int c,
         //  int vp)
@@ -136,23 +129,13 @@ impl Gpu {
         t: usize,
         c: usize,
     ) -> Result<(), KernelError> {
+        let vp = check_encoder_backward(dwte.len(), dwpe.len(), dout.len(), tokens.len(), b, t, c);
         let n = b * t;
-        assert!(c > 0, "encoder_backward: C must be positive");
-        assert_eq!(dout.len(), n * c, "encoder_backward: dout must be (B,T,C)");
-        assert_eq!(tokens.len(), n, "encoder_backward: tokens must be (B,T)");
-        assert!(
-            is_multiple(dwte.len(), c),
-            "encoder_backward: dwte must be (Vp,C)"
-        );
-        assert!(
-            is_multiple(dwpe.len(), c) && dwpe.len() >= t * c,
-            "encoder_backward: dwpe must be (maxT,C) with maxT >= T"
-        );
         if n == 0 {
             return Ok(());
         }
         let (b_, t_, n_, c_) = (int(b, "B"), int(t, "T"), int(n, "N"), int(c, "C"));
-        let vp = int(dwte.len() / c, "Vp");
+        let vp = int(vp, "Vp");
         let name = T::ENTRIES.encoder_wte_backward;
         let mut args = self.stream().launch_builder(self.function(name)?);
         // (T* dwte, const T* dout, const unsigned* tokens, int n, int c, int vp)
@@ -185,13 +168,16 @@ impl Gpu {
         n: usize,
         c: usize,
     ) -> Result<(), KernelError> {
-        assert!(c > 0, "layernorm_forward: C must be positive");
-        assert_eq!(out.len(), n * c, "layernorm_forward: out must be (N,C)");
-        assert_eq!(inp.len(), n * c, "layernorm_forward: inp must be (N,C)");
-        assert_eq!(mean.len(), n, "layernorm_forward: mean must be (N)");
-        assert_eq!(rstd.len(), n, "layernorm_forward: rstd must be (N)");
-        assert_eq!(weight.len(), c, "layernorm_forward: weight must be (C)");
-        assert_eq!(bias.len(), c, "layernorm_forward: bias must be (C)");
+        check_layernorm_forward(
+            out.len(),
+            mean.len(),
+            rstd.len(),
+            inp.len(),
+            weight.len(),
+            bias.len(),
+            n,
+            c,
+        );
         if n == 0 {
             return Ok(());
         }
@@ -223,15 +209,18 @@ impl Gpu {
         n: usize,
         c: usize,
     ) -> Result<(), KernelError> {
-        assert!(c > 0, "layernorm_backward: C must be positive");
-        assert_eq!(dinp.len(), n * c, "layernorm_backward: dinp must be (N,C)");
-        assert_eq!(dout.len(), n * c, "layernorm_backward: dout must be (N,C)");
-        assert_eq!(inp.len(), n * c, "layernorm_backward: inp must be (N,C)");
-        assert_eq!(dweight.len(), c, "layernorm_backward: dweight must be (C)");
-        assert_eq!(dbias.len(), c, "layernorm_backward: dbias must be (C)");
-        assert_eq!(weight.len(), c, "layernorm_backward: weight must be (C)");
-        assert_eq!(mean.len(), n, "layernorm_backward: mean must be (N)");
-        assert_eq!(rstd.len(), n, "layernorm_backward: rstd must be (N)");
+        check_layernorm_backward(
+            dinp.len(),
+            dweight.len(),
+            dbias.len(),
+            dout.len(),
+            inp.len(),
+            weight.len(),
+            mean.len(),
+            rstd.len(),
+            n,
+            c,
+        );
         if n == 0 {
             return Ok(());
         }
@@ -270,17 +259,8 @@ impl Gpu {
         c: usize,
         oc: usize,
     ) -> Result<(), KernelError> {
-        assert!(c > 0 && oc > 0, "matmul_forward: C and OC must be positive");
-        assert_eq!(out.len(), n * oc, "matmul_forward: out must be (N,OC)");
-        assert_eq!(inp.len(), n * c, "matmul_forward: inp must be (N,C)");
-        assert_eq!(
-            weight.len(),
-            oc * c,
-            "matmul_forward: weight must be (OC,C)"
-        );
-        if let Some(bias) = bias {
-            assert_eq!(bias.len(), oc, "matmul_forward: bias must be (OC)");
-        }
+        let bias_len = bias.map(|bias| bias.len());
+        check_matmul_forward(out.len(), inp.len(), weight.len(), bias_len, n, c, oc);
         if n == 0 {
             return Ok(());
         }
@@ -372,26 +352,17 @@ impl Gpu {
         c: usize,
         oc: usize,
     ) -> Result<(), KernelError> {
-        assert!(
-            c > 0 && oc > 0,
-            "matmul_backward: C and OC must be positive"
-        );
-        assert_eq!(dinp.len(), n * c, "matmul_backward: dinp must be (N,C)");
-        assert_eq!(
+        check_matmul_backward(
+            dinp.len(),
             dweight.len(),
-            oc * c,
-            "matmul_backward: dweight must be (OC,C)"
-        );
-        assert_eq!(dout.len(), n * oc, "matmul_backward: dout must be (N,OC)");
-        assert_eq!(inp.len(), n * c, "matmul_backward: inp must be (N,C)");
-        assert_eq!(
+            dbias.as_ref().map(|dbias| dbias.len()),
+            dout.len(),
+            inp.len(),
             weight.len(),
-            oc * c,
-            "matmul_backward: weight must be (OC,C)"
+            n,
+            c,
+            oc,
         );
-        if let Some(dbias) = &dbias {
-            assert_eq!(dbias.len(), oc, "matmul_backward: dbias must be (OC)");
-        }
         if n == 0 {
             return Ok(());
         }
@@ -425,22 +396,8 @@ impl Gpu {
         c: usize,
         nh: usize,
     ) -> Result<(), KernelError> {
-        assert_attention_dims("attention_forward", inp.len(), b, t, c, nh);
-        assert_eq!(
-            out.len(),
-            b * t * c,
-            "attention_forward: out must be (B,T,C)"
-        );
-        assert_eq!(
-            preatt.len(),
-            b * nh * t * t,
-            "attention_forward: preatt must be (B,NH,T,T)"
-        );
-        assert_eq!(
-            att.len(),
-            b * nh * t * t,
-            "attention_forward: att must be (B,NH,T,T)"
-        );
+        check_attention_forward(out.len(), preatt.len(), att.len(), inp.len(), b, t, c, nh);
+        assert_attention_t_max("attention_forward", t);
         if b == 0 {
             return Ok(());
         }
@@ -481,28 +438,19 @@ impl Gpu {
         c: usize,
         nh: usize,
     ) -> Result<(), KernelError> {
-        assert_attention_dims("attention_backward", inp.len(), b, t, c, nh);
-        assert_eq!(
+        check_attention_backward(
             dinp.len(),
-            b * t * 3 * c,
-            "attention_backward: dinp must be (B,T,3C)"
-        );
-        assert_eq!(
+            dpreatt.len(),
+            datt.len(),
             dout.len(),
-            b * t * c,
-            "attention_backward: dout must be (B,T,C)"
+            inp.len(),
+            att.len(),
+            b,
+            t,
+            c,
+            nh,
         );
-        for (name, len) in [
-            ("dpreatt", dpreatt.len()),
-            ("datt", datt.len()),
-            ("att", att.len()),
-        ] {
-            assert_eq!(
-                len,
-                b * nh * t * t,
-                "attention_backward: {name} must be (B,NH,T,T)"
-            );
-        }
+        assert_attention_t_max("attention_backward", t);
         if b == 0 {
             return Ok(());
         }
@@ -542,11 +490,7 @@ impl Gpu {
         out: &mut CudaViewMut<'_, T>,
         inp: &CudaView<'_, T>,
     ) -> Result<(), KernelError> {
-        assert_eq!(
-            out.len(),
-            inp.len(),
-            "gelu_forward: out and inp must have the same length"
-        );
+        check_gelu_forward(out.len(), inp.len());
         let n = out.len();
         let name = T::ENTRIES.gelu_forward;
         if n == 0 {
@@ -568,16 +512,7 @@ impl Gpu {
         inp: &CudaView<'_, T>,
         dout: &CudaView<'_, T>,
     ) -> Result<(), KernelError> {
-        assert_eq!(
-            dinp.len(),
-            inp.len(),
-            "gelu_backward: dinp and inp must have the same length"
-        );
-        assert_eq!(
-            dout.len(),
-            inp.len(),
-            "gelu_backward: dout and inp must have the same length"
-        );
+        check_gelu_backward(dinp.len(), inp.len(), dout.len());
         let n = inp.len();
         if n == 0 {
             return Ok(());
@@ -599,16 +534,7 @@ impl Gpu {
         a: &CudaView<'_, T>,
         b: &CudaView<'_, T>,
     ) -> Result<(), KernelError> {
-        assert_eq!(
-            out.len(),
-            a.len(),
-            "residual_forward: out and a must have the same length"
-        );
-        assert_eq!(
-            out.len(),
-            b.len(),
-            "residual_forward: out and b must have the same length"
-        );
+        check_residual_forward(out.len(), a.len(), b.len());
         let n = out.len();
         if n == 0 {
             return Ok(());
@@ -630,16 +556,7 @@ impl Gpu {
         db: &mut CudaViewMut<'_, T>,
         dout: &CudaView<'_, T>,
     ) -> Result<(), KernelError> {
-        assert_eq!(
-            da.len(),
-            dout.len(),
-            "residual_backward: da and dout must have the same length"
-        );
-        assert_eq!(
-            db.len(),
-            dout.len(),
-            "residual_backward: db and dout must have the same length"
-        );
+        check_residual_backward(da.len(), db.len(), dout.len());
         let n = dout.len();
         if n == 0 {
             return Ok(());
@@ -664,8 +581,7 @@ impl Gpu {
         v: usize,
         vp: usize,
     ) -> Result<(), KernelError> {
-        assert_softmax_shapes("softmax_forward", logits.len(), n, v, vp);
-        assert_eq!(probs.len(), n * vp, "softmax_forward: probs must be (N,Vp)");
+        check_softmax_forward(probs.len(), logits.len(), n, v, vp);
         if n == 0 {
             return Ok(());
         }
@@ -690,10 +606,7 @@ impl Gpu {
         v: usize,
         vp: usize,
     ) -> Result<(), KernelError> {
-        let what = "softmax_crossentropy_forward";
-        assert_softmax_shapes(what, logits.len(), n, v, vp);
-        assert_eq!(targets.len(), n, "{what}: targets must be (N)");
-        assert_eq!(losses.len(), n, "{what}: losses must be (N)");
+        check_softmax_crossentropy_forward(losses.len(), logits.len(), targets.len(), n, v, vp);
         if n == 0 {
             return Ok(());
         }
@@ -725,10 +638,14 @@ impl Gpu {
         v: usize,
         vp: usize,
     ) -> Result<(), KernelError> {
-        let what = "softmax_crossentropy_backward";
-        assert_softmax_shapes(what, logits_to_dlogits.len(), n, v, vp);
-        assert_eq!(targets.len(), n, "{what}: targets must be (N)");
-        assert_eq!(losses.len(), n, "{what}: losses must be (N)");
+        check_softmax_crossentropy_backward(
+            logits_to_dlogits.len(),
+            losses.len(),
+            targets.len(),
+            n,
+            v,
+            vp,
+        );
         if n == 0 {
             return Ok(());
         }
@@ -756,11 +673,8 @@ impl Gpu {
         v: &mut CudaViewMut<'_, f32>,
         hp: &AdamW,
     ) -> Result<(), KernelError> {
+        check_adamw_update(params.len(), grads.len(), m.len(), v.len(), hp.step);
         let len = params.len();
-        assert_eq!(grads.len(), len, "adamw_update: grads must match params");
-        assert_eq!(m.len(), len, "adamw_update: m must match params");
-        assert_eq!(v.len(), len, "adamw_update: v must match params");
-        assert!(hp.step >= 1, "adamw_update: step is 1-based, got 0");
         if len == 0 {
             return Ok(());
         }
@@ -885,28 +799,10 @@ fn score_row_bytes(t: usize) -> u32 {
     (t * std::mem::size_of::<f32>()) as u32
 }
 
-/// The shape checks shared by the attention ops.
-fn assert_attention_dims(what: &str, qkv_len: usize, b: usize, t: usize, c: usize, nh: usize) {
-    assert!(
-        t > 0 && c > 0 && nh > 0,
-        "{what}: T, C and NH must be positive"
-    );
-    assert!(
-        is_multiple(c, nh),
-        "{what}: C = {c} is not a multiple of NH = {nh}"
-    );
+/// The attention ops' own limit on T, on top of the CPU kernels' shape checks.
+fn assert_attention_t_max(what: &str, t: usize) {
     assert!(
         t <= ATTENTION_T_MAX,
         "{what}: T = {t} is beyond the kernels' {ATTENTION_T_MAX}"
     );
-    assert_eq!(qkv_len, b * t * 3 * c, "{what}: inp must be (B,T,3C)");
-}
-
-/// The shape checks shared by the softmax ops.
-fn assert_softmax_shapes(what: &str, logits_len: usize, n: usize, v: usize, vp: usize) {
-    assert!(
-        v > 0 && v <= vp,
-        "{what}: need 0 < V <= Vp, got V = {v}, Vp = {vp}"
-    );
-    assert_eq!(logits_len, n * vp, "{what}: logits must be (N,Vp)");
 }
