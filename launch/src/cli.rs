@@ -138,6 +138,11 @@ pub struct TrainArgs {
     /// the `cuda` feature; each rank uses the GPU of its local rank.
     #[arg(long, value_enum)]
     pub device: Option<DeviceArg>,
+    /// What the GPU stores parameters, gradients and activations in (default: the config's
+    /// `precision`, else f32). `bf16` is mixed precision: f32 master weights and AdamW state,
+    /// f32 math in every kernel; it needs `--device cuda`.
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     /// Never draw a progress bar, even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
@@ -184,6 +189,21 @@ pub enum CommArg {
 pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for lazarus_trainer::config::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::Bf16 => Self::Bf16,
+        }
+    }
 }
 
 impl From<DeviceArg> for lazarus_trainer::config::ComputeDevice {

@@ -246,7 +246,9 @@ fn device_fit_problem(p: &Part, world: usize, g: &DeviceMemory) -> Option<String
     let est = DeviceEstimate::per_rank(&p.cfg, &p.model, world);
     println!("{}: GPU memory per rank", p.label);
     for (name, bytes) in est.terms() {
-        println!("    {name:<30} {:>10}", gib(bytes));
+        if bytes > 0 {
+            println!("    {name:<30} {:>10}", gib(bytes));
+        }
     }
     let need = est.total();
     if need <= g.free {
@@ -268,6 +270,7 @@ fn device_fit_problem(p: &Part, world: usize, g: &DeviceMemory) -> Option<String
     let terms: Vec<String> = est
         .terms()
         .iter()
+        .filter(|(_, b)| *b > 0)
         .map(|(n, b)| format!("{n} {}", gib(*b)))
         .collect();
     Some(format!(

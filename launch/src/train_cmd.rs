@@ -56,6 +56,9 @@ pub fn resolve(args: &TrainArgs) -> Result<TrainConfig> {
     if args.ckpt_fail_fast {
         c.ckpt_fail_fast = true;
     }
+    if let Some(p) = args.precision {
+        c.precision = p.into();
+    }
     if let Some(d) = args.device {
         c.device = d.into();
     }

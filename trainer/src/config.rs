@@ -140,6 +140,10 @@ pub struct TrainConfig {
     /// Where the model's compute runs: `cpu` (the reference) or `cuda` (builds with the `cuda`
     /// feature; each rank uses the GPU of its local rank). Checkpoints do not depend on it.
     pub device: ComputeDevice,
+    /// What the GPU stores parameters, gradients and activations in: `f32`, or `bf16` (mixed
+    /// precision: f32 master weights and AdamW state, f32 math and accumulation in every
+    /// kernel). The CPU reference is f32 only. Checkpoints hold f32 either way.
+    pub precision: Precision,
     /// Curriculum stages, run in order; empty for a run of one stage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageConfig>,
@@ -154,6 +158,25 @@ pub enum ComputeDevice {
     Cpu,
     /// One NVIDIA GPU per rank through the CUDA backend.
     Cuda,
+}
+
+/// The element type of a GPU run's parameters, gradients and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes of one stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
 }
 
 /// What a stage after the first takes from the previous stage's final checkpoint.
@@ -225,6 +248,7 @@ impl Default for TrainConfig {
             stats_interval_s: 30,
             peak_tflops: None,
             device: ComputeDevice::Cpu,
+            precision: Precision::F32,
             stages: Vec::new(),
         }
     }
@@ -277,6 +301,12 @@ impl TrainConfig {
         }
         if self.seq == 0 || self.batch == 0 || self.accum == 0 {
             return bad("seq, batch and accum must be positive".into());
+        }
+        if self.precision == Precision::Bf16 && self.device != ComputeDevice::Cuda {
+            return bad(
+                "precision bf16 needs device cuda: the CPU reference computes in f32 (use --device cuda, or --precision f32)"
+                    .into(),
+            );
         }
         if !self.batch.is_multiple_of(world_size) {
             return bad(format!(

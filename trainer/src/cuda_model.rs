@@ -10,64 +10,216 @@
 use crate::config::ModelConfig;
 use crate::layout::Layout;
 use crate::{Result, TrainError};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DriverError};
-use lazarus_kernels::cuda::Gpu;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, DriverError, ValidAsZeroBits};
+use lazarus_kernels::cuda::{bf16, Gpu, GpuFloat};
 use lazarus_kernels::KernelError;
 use std::ops::Range;
 
+/// The element type the model's parameters, gradients and activations are stored in on the
+/// device: `f32`, or `bf16` (mixed precision: the master weights and AdamW state stay f32 in
+/// the optimizer shard, every kernel computes and accumulates in f32). LayerNorm statistics
+/// and the per-token losses are f32 either way.
+pub trait Precision: GpuFloat {
+    /// The name of the precision in configs and logs.
+    const NAME: &'static str;
+
+    /// f32 staging values needed to move `n` values to or from the host.
+    fn staging_len(n: usize) -> usize;
+
+    /// Copies host f32 values into `dst` (rounding to `Self`), through `staging`.
+    fn upload(
+        gpu: &Gpu,
+        src: &[f32],
+        staging: &mut CudaSlice<f32>,
+        dst: &mut CudaSlice<Self>,
+    ) -> Result<()>;
+
+    /// Copies `src` widened to f32 into the host's `dst`, through `staging`.
+    fn download(
+        gpu: &Gpu,
+        src: &CudaSlice<Self>,
+        staging: &mut CudaSlice<f32>,
+        dst: &mut [f32],
+    ) -> Result<()>;
+}
+
+impl Precision for f32 {
+    const NAME: &'static str = "f32";
+
+    fn staging_len(_n: usize) -> usize {
+        0
+    }
+
+    fn upload(
+        gpu: &Gpu,
+        src: &[f32],
+        _: &mut CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        gpu.stream()
+            .memcpy_htod(src, &mut dst.slice_mut(..src.len()))
+            .map_err(driver("uploading the parameters"))
+    }
+
+    fn download(
+        gpu: &Gpu,
+        src: &CudaSlice<f32>,
+        _: &mut CudaSlice<f32>,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        gpu.stream()
+            .memcpy_dtoh(&src.slice(..dst.len()), dst)
+            .map_err(driver("downloading the gradients"))
+    }
+}
+
+impl Precision for bf16 {
+    const NAME: &'static str = "bf16";
+
+    fn staging_len(n: usize) -> usize {
+        n
+    }
+
+    fn upload(
+        gpu: &Gpu,
+        src: &[f32],
+        staging: &mut CudaSlice<f32>,
+        dst: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let n = src.len();
+        gpu.stream()
+            .memcpy_htod(src, &mut staging.slice_mut(..n))
+            .map_err(driver("uploading the parameters"))?;
+        gpu.cast_f32_to_bf16(&mut dst.slice_mut(..n), &staging.slice(..n))
+            .map_err(TrainError::Kernel)
+    }
+
+    fn download(
+        gpu: &Gpu,
+        src: &CudaSlice<bf16>,
+        staging: &mut CudaSlice<f32>,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        let n = dst.len();
+        gpu.cast_bf16_to_f32(&mut staging.slice_mut(..n), &src.slice(..n))
+            .map_err(TrainError::Kernel)?;
+        gpu.stream()
+            .memcpy_dtoh(&staging.slice(..n), dst)
+            .map_err(driver("downloading the gradients"))
+    }
+}
+
+/// What the trainer needs of a model on the GPU, whatever its precision.
+pub trait DeviceModel {
+    /// The GPU the model runs on.
+    fn gpu(&self) -> &Gpu;
+    /// The device's name and the precision, for logs.
+    fn describe(&self) -> String;
+    /// Copies the host's f32 parameters to the device (rounding to the model's precision).
+    fn load_params(&mut self, params: &[f32]) -> Result<()>;
+    /// Zeroes the device gradients.
+    fn zero_grads(&mut self) -> Result<()>;
+    /// Copies the device gradients, widened to f32, to the host.
+    fn read_grads(&mut self, grads: &mut [f32]) -> Result<()>;
+    /// Forward, fused loss and backward; the sum of the per-token losses.
+    fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        dloss: f32,
+    ) -> Result<f64>;
+    /// Forward and loss only; the sum of the per-token losses.
+    fn loss_sum(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f64>;
+}
+
+impl<T: Precision> DeviceModel for CudaGpt<T> {
+    fn gpu(&self) -> &Gpu {
+        CudaGpt::gpu(self)
+    }
+    fn describe(&self) -> String {
+        format!("{}, {}", self.device_name(), T::NAME)
+    }
+    fn load_params(&mut self, params: &[f32]) -> Result<()> {
+        CudaGpt::load_params(self, params)
+    }
+    fn zero_grads(&mut self) -> Result<()> {
+        CudaGpt::zero_grads(self)
+    }
+    fn read_grads(&mut self, grads: &mut [f32]) -> Result<()> {
+        CudaGpt::read_grads(self, grads)
+    }
+    fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        dloss: f32,
+    ) -> Result<f64> {
+        CudaGpt::forward_backward(self, inputs, targets, b, t, dloss)
+    }
+    fn loss_sum(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize) -> Result<f64> {
+        CudaGpt::loss_sum(self, inputs, targets, b, t)
+    }
+}
+
 /// Saved activations of one block on the device, each sized for (B, T) at capacity.
-struct DevBlock {
-    ln1: CudaSlice<f32>,      // (B,T,C)
+struct DevBlock<T: GpuFloat> {
+    ln1: CudaSlice<T>,        // (B,T,C)
     ln1_mean: CudaSlice<f32>, // (B,T)
     ln1_rstd: CudaSlice<f32>, // (B,T)
-    qkv: CudaSlice<f32>,      // (B,T,3C)
-    atty: CudaSlice<f32>,     // (B,T,C)
-    att: CudaSlice<f32>,      // (B,NH,T,T)
-    attproj: CudaSlice<f32>,  // (B,T,C)
-    res2: CudaSlice<f32>,     // (B,T,C)
-    ln2: CudaSlice<f32>,      // (B,T,C)
+    qkv: CudaSlice<T>,        // (B,T,3C)
+    atty: CudaSlice<T>,       // (B,T,C)
+    att: CudaSlice<T>,        // (B,NH,T,T)
+    attproj: CudaSlice<T>,    // (B,T,C)
+    res2: CudaSlice<T>,       // (B,T,C)
+    ln2: CudaSlice<T>,        // (B,T,C)
     ln2_mean: CudaSlice<f32>, // (B,T)
     ln2_rstd: CudaSlice<f32>, // (B,T)
-    fch: CudaSlice<f32>,      // (B,T,4C)
-    fch_gelu: CudaSlice<f32>, // (B,T,4C)
-    fcproj: CudaSlice<f32>,   // (B,T,C)
-    res3: CudaSlice<f32>,     // (B,T,C)
+    fch: CudaSlice<T>,        // (B,T,4C)
+    fch_gelu: CudaSlice<T>,   // (B,T,4C)
+    fcproj: CudaSlice<T>,     // (B,T,C)
+    res3: CudaSlice<T>,       // (B,T,C)
 }
 
 /// Backward scratch on the device; see `model.rs` for the role of each buffer.
-struct DevScratch {
-    preatt: CudaSlice<f32>,    // (B,NH,T,T)
-    dres: CudaSlice<f32>,      // (B,T,C)
-    dln: CudaSlice<f32>,       // (B,T,C)
-    datty: CudaSlice<f32>,     // (B,T,C)
-    dqkv: CudaSlice<f32>,      // (B,T,3C)
-    dpreatt: CudaSlice<f32>,   // (B,NH,T,T)
-    datt: CudaSlice<f32>,      // (B,NH,T,T)
-    dfch: CudaSlice<f32>,      // (B,T,4C)
-    dfch_gelu: CudaSlice<f32>, // (B,T,4C)
+struct DevScratch<T: GpuFloat> {
+    preatt: CudaSlice<T>,    // (B,NH,T,T)
+    dres: CudaSlice<T>,      // (B,T,C)
+    dln: CudaSlice<T>,       // (B,T,C)
+    datty: CudaSlice<T>,     // (B,T,C)
+    dqkv: CudaSlice<T>,      // (B,T,3C)
+    dpreatt: CudaSlice<T>,   // (B,NH,T,T)
+    datt: CudaSlice<T>,      // (B,NH,T,T)
+    dfch: CudaSlice<T>,      // (B,T,4C)
+    dfch_gelu: CudaSlice<T>, // (B,T,4C)
 }
 
 /// The model's compute state on one GPU for batches of at most `max_b` x `max_t` tokens.
-pub struct CudaGpt {
+pub struct CudaGpt<T: Precision = f32> {
     gpu: Gpu,
     pub config: ModelConfig,
     pub layout: Layout,
     max_b: usize,
     max_t: usize,
     /// Parameters (layout.total), uploaded by `load_params`.
-    params: CudaSlice<f32>,
+    params: CudaSlice<T>,
     /// Gradients (layout.total), zeroed by `zero_grads`, read back by `read_grads`.
-    grads: CudaSlice<f32>,
+    grads: CudaSlice<T>,
+    /// f32 values on their way between the host and `params`/`grads` when `T` is narrower.
+    staging: CudaSlice<f32>,
     tokens: CudaSlice<u32>,  // (B,T)
     targets: CudaSlice<u32>, // (B,T)
-    encoded: CudaSlice<f32>, // (B,T,C)
-    blocks: Vec<DevBlock>,
-    lnf: CudaSlice<f32>,      // (B,T,C)
+    encoded: CudaSlice<T>,   // (B,T,C)
+    blocks: Vec<DevBlock<T>>,
+    lnf: CudaSlice<T>,        // (B,T,C)
     lnf_mean: CudaSlice<f32>, // (B,T)
     lnf_rstd: CudaSlice<f32>, // (B,T)
-    logits: CudaSlice<f32>,   // (B,T,Vp); dlogits after the fused loss
+    logits: CudaSlice<T>,     // (B,T,Vp); dlogits after the fused loss
     losses: CudaSlice<f32>,   // (B,T)
-    sc: DevScratch,
+    sc: DevScratch<T>,
     /// Host copy of the per-token losses, summed in f64 on the host.
     losses_host: Vec<f32>,
 }
@@ -77,7 +229,7 @@ fn driver(what: &str) -> impl FnOnce(DriverError) -> TrainError + '_ {
     move |e| TrainError::Kernel(KernelError::Cuda(format!("{what}: {e:?}")))
 }
 
-impl CudaGpt {
+impl<T: Precision> CudaGpt<T> {
     /// Allocates every device buffer for batches up to (max_b, max_t). Nothing is allocated
     /// afterwards.
     pub fn new(gpu: Gpu, config: ModelConfig, max_b: usize, max_t: usize) -> Result<Self> {
@@ -91,48 +243,50 @@ impl CudaGpt {
         let att = max_b * nh * max_t * max_t;
         let f = |n: usize| gpu.zeros_f32(n).map_err(TrainError::Kernel);
         let u = |n: usize| gpu.zeros_u32(n).map_err(TrainError::Kernel);
+        let x = |n: usize| gpu.zeros::<T>(n).map_err(TrainError::Kernel);
         let mut blocks = Vec::with_capacity(config.layers);
         for _ in 0..config.layers {
             blocks.push(DevBlock {
-                ln1: f(bt * c)?,
+                ln1: x(bt * c)?,
                 ln1_mean: f(bt)?,
                 ln1_rstd: f(bt)?,
-                qkv: f(bt * 3 * c)?,
-                atty: f(bt * c)?,
-                att: f(att)?,
-                attproj: f(bt * c)?,
-                res2: f(bt * c)?,
-                ln2: f(bt * c)?,
+                qkv: x(bt * 3 * c)?,
+                atty: x(bt * c)?,
+                att: x(att)?,
+                attproj: x(bt * c)?,
+                res2: x(bt * c)?,
+                ln2: x(bt * c)?,
                 ln2_mean: f(bt)?,
                 ln2_rstd: f(bt)?,
-                fch: f(bt * 4 * c)?,
-                fch_gelu: f(bt * 4 * c)?,
-                fcproj: f(bt * c)?,
-                res3: f(bt * c)?,
+                fch: x(bt * 4 * c)?,
+                fch_gelu: x(bt * 4 * c)?,
+                fcproj: x(bt * c)?,
+                res3: x(bt * c)?,
             });
         }
         let sc = DevScratch {
-            preatt: f(att)?,
-            dres: f(bt * c)?,
-            dln: f(bt * c)?,
-            datty: f(bt * c)?,
-            dqkv: f(bt * 3 * c)?,
-            dpreatt: f(att)?,
-            datt: f(att)?,
-            dfch: f(bt * 4 * c)?,
-            dfch_gelu: f(bt * 4 * c)?,
+            preatt: x(att)?,
+            dres: x(bt * c)?,
+            dln: x(bt * c)?,
+            datty: x(bt * c)?,
+            dqkv: x(bt * 3 * c)?,
+            dpreatt: x(att)?,
+            datt: x(att)?,
+            dfch: x(bt * 4 * c)?,
+            dfch_gelu: x(bt * 4 * c)?,
         };
         Ok(CudaGpt {
-            params: f(layout.total)?,
-            grads: f(layout.total)?,
+            params: x(layout.total)?,
+            staging: f(T::staging_len(layout.total))?,
+            grads: x(layout.total)?,
             tokens: u(bt)?,
             targets: u(bt)?,
-            encoded: f(bt * c)?,
+            encoded: x(bt * c)?,
             blocks,
-            lnf: f(bt * c)?,
+            lnf: x(bt * c)?,
             lnf_mean: f(bt)?,
             lnf_rstd: f(bt)?,
-            logits: f(bt * vp)?,
+            logits: x(bt * vp)?,
             losses: f(bt)?,
             sc,
             losses_host: vec![0.0; bt],
@@ -144,37 +298,15 @@ impl CudaGpt {
         })
     }
 
-    /// Values allocated on the device besides the parameters and gradients (what
-    /// `estimate::cuda_activation_values` predicts).
-    pub fn activation_values(&self) -> usize {
-        let blocks: usize = self
-            .blocks
-            .iter()
-            .map(|a| {
-                [
-                    &a.ln1,
-                    &a.ln1_mean,
-                    &a.ln1_rstd,
-                    &a.qkv,
-                    &a.atty,
-                    &a.att,
-                    &a.attproj,
-                    &a.res2,
-                    &a.ln2,
-                    &a.ln2_mean,
-                    &a.ln2_rstd,
-                    &a.fch,
-                    &a.fch_gelu,
-                    &a.fcproj,
-                    &a.res3,
-                ]
-                .iter()
-                .map(|x| x.len())
-                .sum::<usize>()
-            })
-            .sum();
+    /// Bytes allocated on the device besides the parameters, the gradients and their staging
+    /// (what `estimate::cuda_activation_bytes` predicts).
+    pub fn activation_bytes(&self) -> usize {
         let sc = &self.sc;
-        let scratch: usize = [
+        let mut wide = vec![&self.lnf_mean, &self.lnf_rstd, &self.losses];
+        let mut narrow = vec![
+            &self.encoded,
+            &self.lnf,
+            &self.logits,
             &sc.preatt,
             &sc.dres,
             &sc.dln,
@@ -184,22 +316,27 @@ impl CudaGpt {
             &sc.datt,
             &sc.dfch,
             &sc.dfch_gelu,
-        ]
-        .iter()
-        .map(|x| x.len())
-        .sum();
-        let rest: usize = [
-            &self.encoded,
-            &self.lnf,
-            &self.lnf_mean,
-            &self.lnf_rstd,
-            &self.logits,
-            &self.losses,
-        ]
-        .iter()
-        .map(|x| x.len())
-        .sum();
-        blocks + scratch + rest + self.tokens.len() + self.targets.len()
+        ];
+        for a in &self.blocks {
+            wide.extend([&a.ln1_mean, &a.ln1_rstd, &a.ln2_mean, &a.ln2_rstd]);
+            narrow.extend([
+                &a.ln1,
+                &a.qkv,
+                &a.atty,
+                &a.att,
+                &a.attproj,
+                &a.res2,
+                &a.ln2,
+                &a.fch,
+                &a.fch_gelu,
+                &a.fcproj,
+                &a.res3,
+            ]);
+        }
+        let wide: usize = wide.iter().map(|x| x.len()).sum();
+        let narrow: usize = narrow.iter().map(|x| x.len()).sum();
+        let tokens = self.tokens.len() + self.targets.len();
+        4 * (wide + tokens) + std::mem::size_of::<T>() * narrow
     }
 
     /// The GPU the model runs on.
@@ -216,10 +353,12 @@ impl CudaGpt {
     pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
         let total = self.layout.total;
         assert!(params.len() >= total, "parameter buffer too short");
-        self.gpu
-            .stream()
-            .memcpy_htod(&params[..total], &mut self.params)
-            .map_err(driver("uploading the parameters"))
+        T::upload(
+            &self.gpu,
+            &params[..total],
+            &mut self.staging,
+            &mut self.params,
+        )
     }
 
     /// Zeroes the device gradients (once per optimizer step; micro-batches accumulate).
@@ -234,10 +373,12 @@ impl CudaGpt {
     pub fn read_grads(&mut self, grads: &mut [f32]) -> Result<()> {
         let total = self.layout.total;
         assert!(grads.len() >= total, "gradient buffer too short");
-        self.gpu
-            .stream()
-            .memcpy_dtoh(&self.grads, &mut grads[..total])
-            .map_err(driver("downloading the gradients"))
+        T::download(
+            &self.gpu,
+            &self.grads,
+            &mut self.staging,
+            &mut grads[..total],
+        )
     }
 
     /// Forward plus loss: the sum of per-token cross-entropy losses over the batch.
@@ -514,7 +655,7 @@ impl CudaGpt {
 }
 
 /// Zeroes a device view.
-fn zero(gpu: &Gpu, view: &mut CudaViewMut<'_, f32>) -> Result<()> {
+fn zero<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, view: &mut CudaViewMut<'_, T>) -> Result<()> {
     gpu.stream()
         .memset_zeros(view)
         .map_err(driver("zeroing a gradient buffer"))
@@ -523,11 +664,11 @@ fn zero(gpu: &Gpu, view: &mut CudaViewMut<'_, f32>) -> Result<()> {
 /// Runs `f` with mutable views of two disjoint ranges of `buf` (in either order). The
 /// backward kernels of a linear or LayerNorm layer write the weight and the bias gradient at
 /// once, and cudarc hands out two mutable views of one buffer only through a split.
-fn with_two_mut<R>(
-    buf: &mut CudaSlice<f32>,
+fn with_two_mut<R, T: DeviceRepr>(
+    buf: &mut CudaSlice<T>,
     a: &Range<usize>,
     b: &Range<usize>,
-    f: impl FnOnce(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>) -> Result<R>,
+    f: impl FnOnce(&mut CudaViewMut<'_, T>, &mut CudaViewMut<'_, T>) -> Result<R>,
 ) -> Result<R> {
     if a.start <= b.start {
         assert!(a.end <= b.start, "overlapping gradient ranges");
@@ -545,16 +686,16 @@ fn with_two_mut<R>(
 /// Backward through block `l`: `sc.dres` holds d(block output) on entry and d(block input)
 /// on exit. The same sequence of ops as the CPU model's `block_backward`.
 #[allow(clippy::too_many_arguments)]
-fn block_backward(
+fn block_backward<T: GpuFloat>(
     gpu: &Gpu,
     cfg: &ModelConfig,
     lay: &Layout,
     l: usize,
-    a: &DevBlock,
-    sc: &mut DevScratch,
-    residual: &CudaView<'_, f32>,
-    params: &CudaSlice<f32>,
-    grads: &mut CudaSlice<f32>,
+    a: &DevBlock<T>,
+    sc: &mut DevScratch<T>,
+    residual: &CudaView<'_, T>,
+    params: &CudaSlice<T>,
+    grads: &mut CudaSlice<T>,
     b: usize,
     t: usize,
 ) -> Result<()> {
@@ -735,10 +876,10 @@ mod tests {
         let mut want = vec![0.0f32; layout.total];
         let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
 
-        let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
+        let mut dev = CudaGpt::<f32>::new(gpu, cfg, b, t).unwrap();
         assert_eq!(
-            dev.activation_values(),
-            crate::estimate::cuda_activation_values(&cfg, b, t),
+            dev.activation_bytes(),
+            crate::estimate::cuda_activation_bytes(&cfg, b, t, 4),
             "the dry run's device estimate must follow what the model allocates"
         );
         let run = |dev: &mut CudaGpt| {
@@ -780,6 +921,61 @@ mod tests {
         assert_eq!(l.to_bits(), loss_gpu.to_bits());
     }
 
+    /// Mixed precision: bf16 parameters, gradients and activations (f32 math inside every
+    /// kernel) against the f32 CPU model. The loss within 2e-2 relative; each tensor's
+    /// gradient in direction (cosine >= 0.99) and size (norm within 5%).
+    #[test]
+    fn the_bf16_model_follows_the_cpu_model_within_bf16_tolerance() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let cfg = tiny();
+        let (b, t) = (2, 16);
+        let layout = Layout::gpt2(&cfg);
+        let mut params = vec![0.0f32; layout.total];
+        init_params(&layout, &cfg, 7, &mut params);
+        let (inp, tgt) = (tokens(b * t, 1, cfg.vocab), tokens(b * t, 2, cfg.vocab));
+        let dloss = 1.0 / (b * t) as f32;
+        let mut cpu = Gpt::new(cfg, b, t, true);
+        let mut want = vec![0.0f32; layout.total];
+        let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
+
+        let mut dev = CudaGpt::<bf16>::new(gpu, cfg, b, t).unwrap();
+        assert_eq!(
+            dev.activation_bytes(),
+            crate::estimate::cuda_activation_bytes(&cfg, b, t, 2)
+        );
+        dev.load_params(&params).unwrap();
+        dev.zero_grads().unwrap();
+        let loss = dev.forward_backward(&inp, &tgt, b, t, dloss).unwrap();
+        let mut got = vec![f32::NAN; layout.total];
+        dev.read_grads(&mut got).unwrap();
+        assert!(
+            (loss - loss_cpu).abs() <= 2e-2 * loss_cpu.abs(),
+            "loss: bf16 {loss} vs cpu {loss_cpu}"
+        );
+        for tensor in &layout.tensors {
+            let r = tensor.range();
+            let (g, w) = (&got[r.clone()], &want[r]);
+            let dot: f64 = g.iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let norm = |x: &[f32]| x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+            let (ng, nw) = (norm(g), norm(w));
+            if nw == 0.0 {
+                assert_eq!(
+                    ng, 0.0,
+                    "{}: cpu gradient is zero, bf16's is not",
+                    tensor.name
+                );
+                continue;
+            }
+            let cos = dot / (ng * nw);
+            assert!(cos >= 0.99, "{}: cosine {cos}", tensor.name);
+            assert!(
+                (ng - nw).abs() <= 0.05 * nw,
+                "{}: norm bf16 {ng} vs cpu {nw}",
+                tensor.name
+            );
+        }
+    }
+
     #[test]
     fn micro_batches_accumulate_into_the_gradients() {
         let Some(gpu) = gpu_or_skip() else { return };
@@ -788,7 +984,7 @@ mod tests {
         let layout = Layout::gpt2(&cfg);
         let mut params = vec![0.0f32; layout.total];
         init_params(&layout, &cfg, 3, &mut params);
-        let mut dev = CudaGpt::new(gpu, cfg, b, t).unwrap();
+        let mut dev = CudaGpt::<f32>::new(gpu, cfg, b, t).unwrap();
         dev.load_params(&params).unwrap();
         let batches: Vec<(Vec<u32>, Vec<u32>)> = (0..2)
             .map(|k| (tokens(t, 10 + k, cfg.vocab), tokens(t, 20 + k, cfg.vocab)))

@@ -4,7 +4,7 @@
 //! there, and a checkpoint's snapshot is copied from there. Without the `cuda` feature there is
 //! none, and asking for one is `KernelError::NotCompiledWithCuda`.
 
-use crate::config::{ComputeDevice, ModelConfig, TrainConfig};
+use crate::config::{ComputeDevice, ModelConfig, Precision, TrainConfig};
 use crate::Result;
 use std::ops::Range;
 
@@ -19,7 +19,7 @@ pub enum Accel {
 /// The model and the optimizer shard on one GPU.
 #[cfg(feature = "cuda")]
 pub struct CudaDevice {
-    model: crate::cuda_model::CudaGpt,
+    model: Box<dyn crate::cuda_model::DeviceModel>,
     shard: crate::cuda_shard::CudaShard,
 }
 
@@ -58,18 +58,21 @@ pub fn device_ordinal(rank: usize, get: impl Fn(&str) -> Option<String>) -> Resu
 // unused.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 impl Accel {
-    /// Opens the device a run asked for, sized for micro-batches of `b` x `t` and an optimizer
-    /// shard of `shard`: `None` for the CPU, whose model is the trainer's own.
+    /// Opens the device `cfg` asks for, in its precision, sized for micro-batches of `b` x
+    /// `cfg.seq` and an optimizer shard of `shard`: `None` for the CPU, whose model is the
+    /// trainer's own.
     pub fn open(
-        device: ComputeDevice,
+        cfg: &TrainConfig,
         rank: usize,
         model: ModelConfig,
-        (b, t): (usize, usize),
+        b: usize,
         shard: ShardShape,
     ) -> Result<Option<Accel>> {
-        match device {
+        match cfg.device {
             ComputeDevice::Cpu => Ok(None),
-            ComputeDevice::Cuda => open_cuda(rank, model, b, t, shard).map(Some),
+            ComputeDevice::Cuda => {
+                open_cuda(rank, model, (b, cfg.seq), cfg.precision, shard).map(Some)
+            }
         }
     }
 
@@ -77,7 +80,7 @@ impl Accel {
     pub fn describe(&self) -> String {
         match *self {
             #[cfg(feature = "cuda")]
-            Accel::Cuda(ref d) => format!("CUDA ({})", d.model.device_name()),
+            Accel::Cuda(ref d) => format!("CUDA ({})", d.model.describe()),
         }
     }
 
@@ -211,14 +214,19 @@ pub fn cuda_memory(_ordinal: usize) -> Result<DeviceMemory> {
 fn open_cuda(
     rank: usize,
     model: ModelConfig,
-    b: usize,
-    t: usize,
+    (b, t): (usize, usize),
+    precision: Precision,
     shard: ShardShape,
 ) -> Result<Accel> {
+    use crate::cuda_model::{CudaGpt, DeviceModel};
+    use lazarus_kernels::cuda::bf16;
     let ordinal = device_ordinal(rank, |k| std::env::var(k).ok())?;
     let gpu = lazarus_kernels::cuda::Gpu::open(ordinal)?;
     let shard = crate::cuda_shard::CudaShard::new(&gpu, shard.len, shard.saved_len)?;
-    let model = crate::cuda_model::CudaGpt::new(gpu, model, b, t)?;
+    let model: Box<dyn DeviceModel> = match precision {
+        Precision::F32 => Box::new(CudaGpt::<f32>::new(gpu, model, b, t)?),
+        Precision::Bf16 => Box::new(CudaGpt::<bf16>::new(gpu, model, b, t)?),
+    };
     Ok(Accel::Cuda(Box::new(CudaDevice { model, shard })))
 }
 
@@ -226,8 +234,8 @@ fn open_cuda(
 fn open_cuda(
     _rank: usize,
     _model: ModelConfig,
-    _b: usize,
-    _t: usize,
+    _bt: (usize, usize),
+    _precision: Precision,
     _shard: ShardShape,
 ) -> Result<Accel> {
     Err(lazarus_kernels::KernelError::NotCompiledWithCuda.into())
@@ -288,13 +296,20 @@ mod tests {
             len: 8,
             saved_len: 8,
         };
-        let e = Accel::open(ComputeDevice::Cuda, 0, m, (1, 4), shard)
+        let cuda = TrainConfig {
+            device: ComputeDevice::Cuda,
+            seq: 4,
+            ..TrainConfig::default()
+        };
+        let e = Accel::open(&cuda, 0, m, 1, shard)
             .err()
             .expect("no CUDA in this build")
             .to_string();
         assert!(e.contains("--features cuda"), "{e}");
-        assert!(Accel::open(ComputeDevice::Cpu, 0, m, (1, 4), shard)
-            .unwrap()
-            .is_none());
+        let cpu = TrainConfig {
+            seq: 4,
+            ..TrainConfig::default()
+        };
+        assert!(Accel::open(&cpu, 0, m, 1, shard).unwrap().is_none());
     }
 }

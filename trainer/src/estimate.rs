@@ -115,16 +115,17 @@ impl MemoryEstimate {
 /// global norm's partial sums.
 pub const CUDA_WORKSPACE_BYTES: u64 = (32 << 20) + 8 * 1024;
 
-/// Values (f32, and u32 for the tokens) the CUDA model allocates for micro-batches of `b` x `t`
-/// besides its parameters and gradients: each block's saved activations, the backward scratch,
-/// the tokens, the final layernorm, the logits and the losses (`CudaGpt::new`).
-pub fn cuda_activation_values(m: &ModelConfig, b: usize, t: usize) -> usize {
+/// Bytes the CUDA model allocates for micro-batches of `b` x `t` besides its parameters,
+/// gradients and their staging: each block's saved activations, the backward scratch, the
+/// final layernorm and the logits in the model's precision (`elt` bytes a value), and the
+/// LayerNorm statistics, the losses and the tokens at 4 bytes (`CudaGpt::new`).
+pub fn cuda_activation_bytes(m: &ModelConfig, b: usize, t: usize, elt: usize) -> usize {
     let (bt, c) = (b * t, m.channels);
     let att = b * m.heads * t * t;
-    let per_block = 18 * bt * c + 4 * bt + att;
-    let scratch = 13 * bt * c + 3 * att;
-    let rest = 2 * bt * c + 5 * bt + bt * m.padded_vocab;
-    m.layers * per_block + scratch + rest
+    let narrow =
+        m.layers * (18 * bt * c + att) + 14 * bt * c + 3 * att + 2 * bt * c + bt * m.padded_vocab;
+    let wide = m.layers * 4 * bt + 5 * bt;
+    elt * narrow + 4 * wide
 }
 
 /// The GPU memory one rank needs with `device = "cuda"`, in bytes, term by term. The CUDA
@@ -132,10 +133,12 @@ pub fn cuda_activation_values(m: &ModelConfig, b: usize, t: usize) -> usize {
 /// free memory it is held against, read after opening the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceEstimate {
-    /// The full parameters the forward pass reads.
+    /// The full parameters the forward pass reads, in the run's precision.
     pub params: u64,
-    /// The full gradients of the backward pass.
+    /// The full gradients of the backward pass, in the run's precision.
     pub grads: u64,
+    /// The f32 values the parameters and gradients pass through in bf16 (none in f32).
+    pub staging: u64,
     /// The rank's ZeRO-1 slice: master parameters, reduced gradients, AdamW m and v.
     pub optimizer_shard: u64,
     /// Activations, backward scratch, tokens and logits of the local micro-batch.
@@ -150,20 +153,23 @@ impl DeviceEstimate {
         let n = Layout::gpt2(model).total as u64;
         let shard = n.div_ceil(world as u64);
         let b = (cfg.batch / world).max(1);
+        let elt = cfg.precision.bytes();
         DeviceEstimate {
-            params: 4 * n,
-            grads: 4 * n,
+            params: elt as u64 * n,
+            grads: elt as u64 * n,
+            staging: if elt == 4 { 0 } else { 4 * n },
             optimizer_shard: 4 * 4 * shard,
-            activations: 4 * cuda_activation_values(model, b, cfg.seq) as u64,
+            activations: cuda_activation_bytes(model, b, cfg.seq, elt) as u64,
             workspace: CUDA_WORKSPACE_BYTES,
         }
     }
 
     /// Named terms, in the order they are printed.
-    pub fn terms(&self) -> [(&'static str, u64); 5] {
+    pub fn terms(&self) -> [(&'static str, u64); 6] {
         [
             ("parameters", self.params),
             ("gradients", self.grads),
+            ("f32 staging", self.staging),
             ("optimizer shard (p, g, m, v)", self.optimizer_shard),
             ("activations", self.activations),
             ("cuBLASLt workspace", self.workspace),
@@ -276,9 +282,24 @@ mod tests {
         assert_eq!(d.optimizer_shard, 16 * n.div_ceil(2));
         assert_eq!(
             d.activations,
-            4 * cuda_activation_values(&m, 4, 64) as u64,
+            cuda_activation_bytes(&m, 4, 64, 4) as u64,
             "4 sequences per rank"
         );
+        assert_eq!(d.staging, 0);
+        let half = DeviceEstimate::per_rank(
+            &TrainConfig {
+                precision: crate::config::Precision::Bf16,
+                ..gpu.clone()
+            },
+            &m,
+            2,
+        );
+        assert_eq!((half.params, half.staging), (2 * n, 4 * n));
+        assert_eq!(
+            half.optimizer_shard, d.optimizer_shard,
+            "master state stays f32"
+        );
+        assert!(half.activations < d.activations && 2 * half.activations > d.activations);
         // The largest batch that fits is exactly at the boundary.
         let at = |b: usize| {
             let c = TrainConfig {

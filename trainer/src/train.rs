@@ -163,7 +163,7 @@ impl Trainer {
             len: shard,
             saved_len: own.end.min(total).saturating_sub(own.start.min(total)),
         };
-        let mut accel = Accel::open(cfg.device, comm.rank(), model, (b_local, cfg.seq), shape)?;
+        let mut accel = Accel::open(&cfg, comm.rank(), model, b_local, shape)?;
         // On an accelerator the host model only lends its layout: no host activations.
         let gpt = match accel {
             Some(_) => Gpt::new(model, 0, cfg.seq, false),

@@ -181,7 +181,8 @@ impl Gpu {
         self.zeros(n)
     }
 
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    /// `n` zeroed values of any device type on the device.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>, KernelError> {
