@@ -6,9 +6,9 @@
 //!   CUDA cannot use is a skip, not a failure;
 //! - GPT-2 124M (d12) at T=1024 on random GPT-2 tokens: tokens/s and MFU of the steps after a
 //!   warm-up, then the same with a checkpoint at every step: the stall per step and the
-//!   slowdown;
+//!   slowdown; then the same without saves in bf16 mixed precision (`--precision bf16`);
 //! - the PyTorch peer (`bench/peers/torch_gpt2_peer.py`, torch.compile and bf16 autocast) on
-//!   the same shape, and the ratio of the two throughputs.
+//!   the same shape, and the ratio of each of our precisions' throughput to its.
 //!
 //! Without a GPU (`nvidia-smi` absent, failing or listing none) the suite prints
 //! "gpu suite skipped: REASON", records that in its JSON and exits 0.
@@ -479,14 +479,24 @@ struct TrainSpec {
     steps: u64,
     save_every: u64,
     peak_tflops: Option<f64>,
+    /// `--precision`: `f32` or `bf16`.
+    precision: &'static str,
 }
 
 /// The command line of a run: every step logged and in metrics.jsonl, no validation until
 /// the end, live stats every second.
 fn train_args(s: &TrainSpec, data: &Path, run_dir: &Path) -> Vec<OsString> {
-    let mut a: Vec<OsString> = ["train", "--model", &s.model, "--device", s.device]
-        .map(OsString::from)
-        .to_vec();
+    let mut a: Vec<OsString> = [
+        "train",
+        "--model",
+        &s.model,
+        "--device",
+        s.device,
+        "--precision",
+        s.precision,
+    ]
+    .map(OsString::from)
+    .to_vec();
     for (flag, v) in [
         ("--batch", s.batch.to_string()),
         ("--seq", s.seq.to_string()),
@@ -605,6 +615,7 @@ fn curve(args: &GpuArgs, bin: &Path, data: &Path, work: &Path) -> Result<Result<
         steps: args.curve_steps,
         save_every: 0,
         peak_tflops: None,
+        precision: "f32",
     };
     let cuda = match train(bin, &spec("cuda"), data, work, "curve-cuda")? {
         Outcome::Ran(r) => r,
@@ -682,7 +693,7 @@ fn lazarus_row(name: &str, s: &TrainSpec, r: &TrainRun, warmup: u64, cost: Cost)
         run: name.into(),
         model: s.model.clone(),
         params: cost.params,
-        dtype: "f32".into(),
+        dtype: s.precision.into(),
         batch: s.batch,
         seq: s.seq,
         warmup,
@@ -910,7 +921,7 @@ fn write_gpt2_tokens(dir: &Path) -> Result<()> {
 
 /// The two d12 runs: without saves, then saving at every step.
 fn d12_rows(args: &GpuArgs, bin: &Path, data: &Path, work: &Path, cost: Cost) -> Result<Vec<Row>> {
-    let spec = |steps, save_every| TrainSpec {
+    let spec = |steps, save_every, precision| TrainSpec {
         model: "d12".into(),
         device: "cuda",
         batch: args.batch,
@@ -918,17 +929,18 @@ fn d12_rows(args: &GpuArgs, bin: &Path, data: &Path, work: &Path, cost: Cost) ->
         steps: args.warmup + steps,
         save_every,
         peak_tflops: cost.peak_tflops,
+        precision,
     };
     let mut rows = Vec::new();
-    for (name, s) in [
-        ("lazarus", spec(args.steps, 0)),
-        ("lazarus, save every step", spec(args.ckpt_steps, 1)),
+    for (name, dir_name, s) in [
+        ("lazarus", "d12", spec(args.steps, 0, "f32")),
+        (
+            "lazarus, save every step",
+            "d12-save-every-1",
+            spec(args.ckpt_steps, 1, "f32"),
+        ),
+        ("lazarus", "d12-bf16", spec(args.steps, 0, "bf16")),
     ] {
-        let dir_name = if s.save_every == 0 {
-            "d12"
-        } else {
-            "d12-save-every-1"
-        };
         let run = match train(bin, &s, data, work, dir_name)? {
             Outcome::Ran(r) => r,
             Outcome::Refused(why) => {
@@ -1161,7 +1173,10 @@ fn run_with(
     let mut rows = d12_rows(args, &bin, &gpt2, work.path(), cost)?;
     let peer = peer(args, cost, work.path());
     if let Some(out) = &peer.output {
-        rows[0].vs_pytorch = Some(rows[0].tokens_per_s / out.tokens_per_s);
+        // Each precision of ours against the peer (which runs bf16 autocast).
+        for r in rows.iter_mut().filter(|r| r.run == "lazarus") {
+            r.vs_pytorch = Some(r.tokens_per_s / out.tokens_per_s);
+        }
         rows.push(peer_row(out, cost));
     }
     work.close()
@@ -1372,6 +1387,7 @@ mod tests {
             steps: 7,
             save_every,
             peak_tflops: Some(989.4),
+            precision: "f32",
         }
     }
 
@@ -1454,7 +1470,7 @@ mod tests {
         let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
         let joined = a.join(" ");
         for want in [
-            "train --model d12 --device cuda",
+            "train --model d12 --device cuda --precision f32",
             "--batch 8 --seq 1024 --steps 7 --save-every 1",
             "--log-every 1 --val-every 0 --stats-interval-s 1",
             "--peak-tflops 989.4",

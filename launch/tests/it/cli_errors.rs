@@ -86,3 +86,31 @@ fn cuda_without_the_feature_is_a_clear_error() {
     assert_eq!(o.status.code(), Some(1), "{t}");
     assert!(t.contains("CUDA") || t.contains("cuda"), "{t}");
 }
+
+#[test]
+fn bf16_needs_the_gpu_and_an_unknown_precision_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synth_data(tmp.path(), 50_000);
+    let rd = tmp.path().join("r");
+    let o = run(&[
+        "train",
+        "--model",
+        "d2",
+        "--steps",
+        "1",
+        "--precision",
+        "bf16",
+        "--data",
+        data.to_str().unwrap(),
+        "--run-dir",
+        rd.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &o,
+        2,
+        &["precision bf16 needs device cuda", "--device cuda"],
+    );
+    assert!(!rd.exists(), "nothing is written");
+    let o = run(&["train", "--precision", "fp8", "--steps", "1"]);
+    assert_fails(&o, 2, &["--precision", "fp8"]);
+}
