@@ -164,6 +164,11 @@ impl CudaShard {
             )));
         }
         let n = self.saved_len;
+        if n == 0 {
+            // A rank that owns only padding saves empty slices: nothing to copy or pin.
+            self.in_flight = true;
+            return Ok(());
+        }
         if self.pinned.is_none() {
             let ctx = gpu.context();
             // SAFETY: the pinned slices are only read after a copy into them has completed
@@ -204,13 +209,15 @@ impl CudaShard {
     /// Waits for the snapshot's copies and returns its parameters, m and v (the saved part of
     /// the shard, as of the update before [`CudaShard::begin_snapshot`]).
     pub fn snapshot(&mut self) -> Result<(&[f32], &[f32], &[f32])> {
-        let pinned = match (&self.pinned, self.in_flight) {
-            (Some(p), true) => p,
-            _ => {
-                return Err(TrainError::Kernel(KernelError::Cuda(
-                    "a checkpoint snapshot was taken without being started".into(),
-                )))
-            }
+        if !self.in_flight {
+            return Err(TrainError::Kernel(KernelError::Cuda(
+                "a checkpoint snapshot was taken without being started".into(),
+            )));
+        }
+        let Some(pinned) = &self.pinned else {
+            // Nothing was copied: the saved part is empty.
+            self.in_flight = false;
+            return Ok((&[], &[], &[]));
         };
         self.copied
             .synchronize()
@@ -320,6 +327,11 @@ mod tests {
             .iter()
             .zip(&out2)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // A rank whose slice is all padding saves empty slices.
+        let mut pad = CudaShard::new(&gpu, 8, 0).unwrap();
+        pad.begin_snapshot(&gpu).unwrap();
+        let (p, m, v) = pad.snapshot().unwrap();
+        assert!(p.is_empty() && m.is_empty() && v.is_empty());
     }
 
     /// d2-like, tiny: a run on the GPU saving at every step (so every snapshot overlaps the
