@@ -11,13 +11,13 @@ pub enum TrainError {
     /// A token shard file is unusable.
     #[error("bad token file {}: {detail}", path.display())]
     Data { path: PathBuf, detail: String },
-    /// An I/O error on a named path.
-    #[error("{what} {}: {source}", path.display())]
+    /// An I/O error on a named path. The OS error is part of the message, not a separate
+    /// source, so an error chain printed whole (`{:#}`) names it once.
+    #[error("{what} {}: {cause}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A collective failed.
     #[error(transparent)]
@@ -41,11 +41,11 @@ pub enum TrainError {
 
 impl TrainError {
     /// Wraps an I/O error with the operation and the path it concerned.
-    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         TrainError::Io {
             what,
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

@@ -46,6 +46,21 @@ fn bad_token_files_are_named_and_explained() {
         rd.to_str().unwrap(),
     ]);
     assert_fails(&o, 1, &["garbage.bin", "magic"]);
+    let missing = tmp.path().join("missing_train.bin");
+    let o = run(&[
+        "train",
+        "--model",
+        "d2",
+        "--steps",
+        "1",
+        "--data",
+        missing.to_str().unwrap(),
+        "--run-dir",
+        rd.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 1, &["missing_train.bin", "os error 2"]);
+    // The OS error is named once, not again as the cause of the message that holds it.
+    assert_eq!(text(&o).matches("os error 2").count(), 1, "{}", text(&o));
 }
 
 #[test]
