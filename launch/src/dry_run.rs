@@ -3,7 +3,7 @@
 //! (or a stated budget), the size of a checkpoint and the time per step from a few steps trained
 //! in memory, then exits without training or writing to the run directory.
 
-use crate::cli::TrainArgs;
+use crate::cli::{CommArg, TrainArgs};
 use anyhow::{bail, Context, Result};
 use lazarus_comm::{SingleRank, ThreadsComm};
 use lazarus_trainer::checkpoint::{discover_committed, list_checkpoints, lock_holder};
@@ -71,7 +71,7 @@ pub fn dry_run(args: &TrainArgs, cfg: &TrainConfig) -> Result<()> {
             }
         }
         if let Some(g) = &gpu {
-            if let Some(e) = device_fit_problem(p, world, g) {
+            if let Some(e) = device_fit_problem(p, world, args.comm == CommArg::Nccl, g) {
                 problems.push(e);
             }
         }
@@ -242,8 +242,8 @@ fn batch_advice(c: &TrainConfig, world: usize, max: Option<usize>, otherwise: &s
 }
 
 /// Prints the GPU memory a rank of `p` needs; the error when it does not fit the free memory.
-fn device_fit_problem(p: &Part, world: usize, g: &DeviceMemory) -> Option<String> {
-    let est = DeviceEstimate::per_rank(&p.cfg, &p.model, world);
+fn device_fit_problem(p: &Part, world: usize, nccl: bool, g: &DeviceMemory) -> Option<String> {
+    let est = DeviceEstimate::per_rank(&p.cfg, &p.model, world, nccl);
     println!("{}: GPU memory per rank", p.label);
     for (name, bytes) in est.terms() {
         if bytes > 0 {
@@ -264,7 +264,7 @@ fn device_fit_problem(p: &Part, world: usize, g: &DeviceMemory) -> Option<String
     let advice = batch_advice(
         c,
         world,
-        DeviceEstimate::max_batch_fitting(c, &p.model, world, g.free),
+        DeviceEstimate::max_batch_fitting(c, &p.model, world, nccl, g.free),
         "use a smaller model, a shorter --seq or more ranks",
     );
     let terms: Vec<String> = est

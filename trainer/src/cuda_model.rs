@@ -277,7 +277,8 @@ impl<T: Precision> CudaGpt<T> {
         };
         Ok(CudaGpt {
             params: x(layout.total)?,
-            staging: f(T::staging_len(layout.total))?,
+            // At least one value: a zero-byte allocation is an error on some drivers.
+            staging: f(T::staging_len(layout.total).max(1))?,
             grads: x(layout.total)?,
             tokens: u(bt)?,
             targets: u(bt)?,

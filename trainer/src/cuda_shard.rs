@@ -51,7 +51,8 @@ pub struct CudaShard {
     updated: CudaEvent,
     /// Recorded on the side stream after a snapshot's copies.
     copied: CudaEvent,
-    /// Allocated at the first snapshot: a run that never saves pins nothing.
+    /// Allocated with the shard, so that a lack of pinnable memory shows at start-up rather
+    /// than at the first save hours later; `None` when the saved part is empty.
     pinned: Option<Pinned>,
     /// A snapshot was queued and not yet awaited.
     in_flight: bool,
@@ -61,7 +62,12 @@ pub struct CudaShard {
 
 impl CudaShard {
     /// Allocates the shard (`len` values, of which the first `saved_len` are checkpointed) with
-    /// zeroed moments, the side stream and its events. Nothing is pinned yet.
+    /// zeroed moments, the side stream, its events and the pinned host memory of a snapshot.
+    ///
+    /// The ordering between the compute stream and the side stream is this type's own events,
+    /// so it holds whether or not cudarc tracks the buffers' uses (the trainer turns that
+    /// tracking off; see `device::open_cuda`): copies wait for the update they save, the next
+    /// update waits for the copies, and loading or dropping the shard waits for them too.
     pub fn new(gpu: &Gpu, len: usize, saved_len: usize) -> Result<Self> {
         assert!(saved_len <= len, "the saved part is longer than the shard");
         let zeros = |n| gpu.zeros_f32(n).map_err(TrainError::Kernel);
@@ -70,6 +76,23 @@ impl CudaShard {
             .new_stream()
             .map_err(driver("creating the snapshot stream"))?;
         let event = || ctx.new_event(None).map_err(driver("creating an event"));
+        let pinned = if saved_len == 0 {
+            None
+        } else {
+            // SAFETY: the pinned slices are only read after a copy into them has completed
+            // (`snapshot` waits for it), so their unset initial contents are never observed.
+            let alloc = || unsafe { ctx.alloc_pinned_with_flags::<f32>(saved_len, 0) };
+            let what = format!(
+                "pinning {} MB of host memory for checkpoint snapshots (the rank's parameters, \
+                 m and v)",
+                3 * 4 * saved_len / 1_000_000
+            );
+            Some(Pinned {
+                params: alloc().map_err(driver(&what))?,
+                m: alloc().map_err(driver(&what))?,
+                v: alloc().map_err(driver(&what))?,
+            })
+        };
         Ok(CudaShard {
             params: zeros(len)?,
             grads: zeros(len)?,
@@ -79,7 +102,7 @@ impl CudaShard {
             side,
             updated: event()?,
             copied: event()?,
-            pinned: None,
+            pinned,
             in_flight: false,
             update_waits: false,
         })
@@ -98,6 +121,7 @@ impl CudaShard {
     /// Replaces the shard's state with host values (a fresh start or a restore), each of the
     /// shard's padded length.
     pub fn load(&mut self, gpu: &Gpu, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+        self.wait_for_copies()?;
         let n = self.len();
         assert!(
             params.len() == n && m.len() == n && v.len() == n,
@@ -157,31 +181,21 @@ impl CudaShard {
 
     /// Queues the copy of the shard's saved part (parameters, m, v) into pinned host memory on
     /// the side stream, after the last update; returns at once.
+    ///
+    /// # Panics
+    /// If the previous snapshot has not been taken: the training loop takes every snapshot
+    /// before it starts the next.
     pub fn begin_snapshot(&mut self, gpu: &Gpu) -> Result<()> {
-        if self.in_flight {
-            return Err(TrainError::Kernel(KernelError::Cuda(
-                "a checkpoint snapshot was started while the previous one was not yet taken".into(),
-            )));
-        }
+        assert!(
+            !self.in_flight,
+            "a checkpoint snapshot was started while the previous one was not yet taken"
+        );
         let n = self.saved_len;
-        if n == 0 {
-            // A rank that owns only padding saves empty slices: nothing to copy or pin.
+        let Some(pinned) = self.pinned.as_mut() else {
+            // A rank that owns only padding saves empty slices: nothing to copy.
             self.in_flight = true;
             return Ok(());
-        }
-        if self.pinned.is_none() {
-            let ctx = gpu.context();
-            // SAFETY: the pinned slices are only read after a copy into them has completed
-            // (`snapshot` waits for it), so their unset initial contents are never observed.
-            let alloc = || unsafe { ctx.alloc_pinned_with_flags::<f32>(n, 0) };
-            let what = "allocating pinned host memory for the snapshot";
-            self.pinned = Some(Pinned {
-                params: alloc().map_err(driver(what))?,
-                m: alloc().map_err(driver(what))?,
-                v: alloc().map_err(driver(what))?,
-            });
-        }
-        let pinned = self.pinned.as_mut().expect("allocated above");
+        };
         self.updated
             .record(gpu.stream())
             .map_err(driver("marking the end of the update"))?;
@@ -208,12 +222,14 @@ impl CudaShard {
 
     /// Waits for the snapshot's copies and returns its parameters, m and v (the saved part of
     /// the shard, as of the update before [`CudaShard::begin_snapshot`]).
+    ///
+    /// # Panics
+    /// If no snapshot was started since the last one was taken.
     pub fn snapshot(&mut self) -> Result<(&[f32], &[f32], &[f32])> {
-        if !self.in_flight {
-            return Err(TrainError::Kernel(KernelError::Cuda(
-                "a checkpoint snapshot was taken without being started".into(),
-            )));
-        }
+        assert!(
+            self.in_flight,
+            "a checkpoint snapshot was taken without being started"
+        );
         let Some(pinned) = &self.pinned else {
             // Nothing was copied: the saved part is empty.
             self.in_flight = false;
@@ -229,6 +245,29 @@ impl CudaShard {
             pinned.m.as_slice().map_err(driver(what))?,
             pinned.v.as_slice().map_err(driver(what))?,
         ))
+    }
+}
+
+impl CudaShard {
+    /// Waits until no snapshot copy reads the shard's buffers.
+    fn wait_for_copies(&self) -> Result<()> {
+        if self.pinned.is_some() {
+            self.copied
+                .synchronize()
+                .map_err(driver("waiting for the snapshot copies"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaShard {
+    /// The buffers are freed on the compute stream; a copy still reading them on the side
+    /// stream (a run ending on an error mid-step) must finish first.
+    fn drop(&mut self) {
+        if let Err(e) = self.wait_for_copies() {
+            // Nothing is left to report it to; the process is tearing the shard down.
+            eprintln!("warning: {e}");
+        }
     }
 }
 
@@ -253,6 +292,16 @@ mod tests {
                 None
             }
         }
+    }
+
+    /// The message of the panic `f` must raise.
+    fn panic_text(f: impl FnOnce()) -> String {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .expect_err("expected a panic");
+        e.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| e.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
     }
 
     fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -281,7 +330,9 @@ mod tests {
         let (start, len, saved) = (3000, 1000, 990);
         let segments = vec![(3000..3600, true), (3600..3990, false)];
         let mut shard = CudaShard::new(&gpu, len, saved).unwrap();
-        let e = shard.snapshot().unwrap_err().to_string();
+        let e = panic_text(|| {
+            let _ = shard.snapshot();
+        });
         assert!(e.contains("without being started"), "{e}");
 
         let p0 = random(len, 1, 0.5);
@@ -304,7 +355,9 @@ mod tests {
         assert_eq!(&out1[saved..], &p0[saved..]);
 
         shard.begin_snapshot(&gpu).unwrap();
-        let e = shard.begin_snapshot(&gpu).unwrap_err().to_string();
+        let e = panic_text(|| {
+            let _ = shard.begin_snapshot(&gpu);
+        });
         assert!(e.contains("previous one"), "{e}");
         // The next update runs before the snapshot is taken; the snapshot keeps step one.
         let mut out2 = vec![f32::NAN; len];
@@ -319,7 +372,10 @@ mod tests {
         close("m of the snapshot", sm, &m[..saved]);
         close("v of the snapshot", sv, &v[..saved]);
         // Taken once per start.
-        assert!(shard.snapshot().is_err());
+        assert!(panic_text(|| {
+            let _ = shard.snapshot();
+        })
+        .contains("without being started"));
         // A second snapshot after the update holds the second step.
         shard.begin_snapshot(&gpu).unwrap();
         let (sp, _, _) = shard.snapshot().unwrap();
@@ -404,6 +460,32 @@ mod tests {
             "final loss: cuda {} vs cpu {}",
             whole.final_loss,
             cpu.final_loss
+        );
+
+        // A run that diverges in the step after a save still commits that save, whose copy
+        // was in flight when the step began.
+        let wild = TrainConfig {
+            lr: 1e38,
+            ..cfg("wild", cuda)
+        };
+        let root = wild.run_dir.join(crate::run::CHECKPOINTS_DIR);
+        let opts = RunOptions {
+            final_save_timeout_ms: 60_000,
+            ..RunOptions::default()
+        };
+        let e = run(wild, opts, Box::new(SingleRank::new()), &mut |_| {})
+            .expect_err("a learning rate of 1e38 diverges");
+        let crate::TrainError::Diverged { step, .. } = e else {
+            panic!("expected divergence, got {e}")
+        };
+        let committed: Vec<u64> = lazarus_checkpoint::discover_committed(&root)
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.step)
+            .collect();
+        assert!(
+            step >= 2 && committed.first() == Some(&(step - 1)),
+            "diverged at {step}, committed {committed:?}"
         );
     }
 }

@@ -222,6 +222,13 @@ fn open_cuda(
     use lazarus_kernels::cuda::bf16;
     let ordinal = device_ordinal(rank, |k| std::env::var(k).ok())?;
     let gpu = lazarus_kernels::cuda::Gpu::open(ordinal)?;
+    // The snapshot's side stream would put the context in cudarc's multi-stream mode, where
+    // every buffer argument of every kernel records and waits on events. The model's work is
+    // all on one stream, and the shard orders its side stream with its own events.
+    // SAFETY: the buffers allocated from here on are used on the compute stream only, except
+    // the shard's, whose copies on the side stream are ordered by `CudaShard`'s events (after
+    // the update they save, before the next update, the next load and the free).
+    unsafe { gpu.context().disable_event_tracking() };
     let shard = crate::cuda_shard::CudaShard::new(&gpu, shard.len, shard.saved_len)?;
     let model: Box<dyn DeviceModel> = match precision {
         Precision::F32 => Box::new(CudaGpt::<f32>::new(gpu, model, b, t)?),

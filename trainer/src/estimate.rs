@@ -111,10 +111,6 @@ impl MemoryEstimate {
     }
 }
 
-/// cuBLASLt's workspace (32 MiB on Hopper and later, the largest `Blas::new` asks for) plus the
-/// global norm's partial sums.
-pub const CUDA_WORKSPACE_BYTES: u64 = (32 << 20) + 8 * 1024;
-
 /// Bytes the CUDA model allocates for micro-batches of `b` x `t` besides its parameters,
 /// gradients and their staging: each block's saved activations, the backward scratch, the
 /// final layernorm and the logits in the model's precision (`elt` bytes a value), and the
@@ -129,8 +125,9 @@ pub fn cuda_activation_bytes(m: &ModelConfig, b: usize, t: usize, elt: usize) ->
 }
 
 /// The GPU memory one rank needs with `device = "cuda"`, in bytes, term by term. The CUDA
-/// context, the kernels and cuBLASLt's handle are not in it: they are already taken from the
-/// free memory it is held against, read after opening the device.
+/// context, the kernels, cuBLASLt's handle and workspace are not in it: they are already taken
+/// from the free memory it is held against, read after opening the device. NCCL's own
+/// buffers (per peer and channel) are not in it either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceEstimate {
     /// The full parameters the forward pass reads, in the run's precision.
@@ -143,13 +140,15 @@ pub struct DeviceEstimate {
     pub optimizer_shard: u64,
     /// Activations, backward scratch, tokens and logits of the local micro-batch.
     pub activations: u64,
-    /// cuBLASLt's workspace and the norm's partial sums.
-    pub workspace: u64,
+    /// `--comm nccl`: the device buffer the host collectives pass through, as large as the
+    /// padded gradients in f32.
+    pub nccl_staging: u64,
 }
 
 impl DeviceEstimate {
-    /// The estimate for one of `world` ranks, each on its own GPU.
-    pub fn per_rank(cfg: &TrainConfig, model: &ModelConfig, world: usize) -> Self {
+    /// The estimate for one of `world` ranks, each on its own GPU, talking over NCCL when
+    /// `nccl`.
+    pub fn per_rank(cfg: &TrainConfig, model: &ModelConfig, world: usize, nccl: bool) -> Self {
         let n = Layout::gpt2(model).total as u64;
         let shard = n.div_ceil(world as u64);
         let b = (cfg.batch / world).max(1);
@@ -160,7 +159,7 @@ impl DeviceEstimate {
             staging: if elt == 4 { 0 } else { 4 * n },
             optimizer_shard: 4 * 4 * shard,
             activations: cuda_activation_bytes(model, b, cfg.seq, elt) as u64,
-            workspace: CUDA_WORKSPACE_BYTES,
+            nccl_staging: if nccl { 4 * shard * world as u64 } else { 0 },
         }
     }
 
@@ -172,7 +171,7 @@ impl DeviceEstimate {
             ("f32 staging", self.staging),
             ("optimizer shard (p, g, m, v)", self.optimizer_shard),
             ("activations", self.activations),
-            ("cuBLASLt workspace", self.workspace),
+            ("NCCL staging", self.nccl_staging),
         ]
     }
 
@@ -187,6 +186,7 @@ impl DeviceEstimate {
         cfg: &TrainConfig,
         model: &ModelConfig,
         world: usize,
+        nccl: bool,
         free: u64,
     ) -> Option<usize> {
         let at = |b: usize| {
@@ -194,7 +194,7 @@ impl DeviceEstimate {
                 batch: b * world,
                 ..cfg.clone()
             };
-            Self::per_rank(&c, model, world).total()
+            Self::per_rank(&c, model, world, nccl).total()
         };
         let per_sample = at(2) - at(1);
         let samples = (free.checked_sub(at(1))? / per_sample.max(1)) + 1;
@@ -276,8 +276,11 @@ mod tests {
         assert_eq!(h_cpu.pinned_snapshot, 0);
         assert_eq!(h_gpu.pinned_snapshot, h_gpu.staging);
         assert!(h_gpu.activations * 100 < h_cpu.activations);
-        let d = DeviceEstimate::per_rank(&gpu, &m, 2);
+        let d = DeviceEstimate::per_rank(&gpu, &m, 2, false);
         let n = m.num_params() as u64;
+        let with_nccl = DeviceEstimate::per_rank(&gpu, &m, 2, true);
+        assert_eq!(with_nccl.nccl_staging, 4 * n.div_ceil(2) * 2);
+        assert_eq!(with_nccl.total() - d.total(), with_nccl.nccl_staging);
         assert_eq!((d.params, d.grads), (4 * n, 4 * n));
         assert_eq!(d.optimizer_shard, 16 * n.div_ceil(2));
         assert_eq!(
@@ -293,6 +296,7 @@ mod tests {
             },
             &m,
             2,
+            false,
         );
         assert_eq!((half.params, half.staging), (2 * n, 4 * n));
         assert_eq!(
@@ -306,15 +310,15 @@ mod tests {
                 batch: b,
                 ..gpu.clone()
             };
-            DeviceEstimate::per_rank(&c, &m, 2).total()
+            DeviceEstimate::per_rank(&c, &m, 2, false).total()
         };
         let free = at(10) + 5;
         assert_eq!(
-            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, free),
+            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, false, free),
             Some(10)
         );
         assert_eq!(
-            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, at(2) - 1),
+            DeviceEstimate::max_batch_fitting(&gpu, &m, 2, false, at(2) - 1),
             None
         );
     }

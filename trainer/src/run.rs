@@ -517,7 +517,17 @@ fn train_loop(
         if let Some(p) = pending.take() {
             stall_ms = Some(save_snapshot(&mut mgr, tr, p)?);
         }
-        let mut report = tr.update(acc)?;
+        let mut report = match tr.update(acc) {
+            Ok(r) => r,
+            Err(e @ TrainError::Diverged { .. }) if stall_ms.is_some() => {
+                // Every rank diverges at the same step (the norm and loss are all-reduced), so
+                // the last good step, saved just now, can still be committed together.
+                let b = mgr.finish(tr.comm(), final_timeout)?;
+                handle_boundary(tr, opts, b, &mut last_commit, on_event)?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let at_end = tr.step == tr.cfg.steps;
         // Every rank takes part in this vote at every step, so all stop at the same step.
         let signalled = opts
