@@ -225,7 +225,7 @@ pub struct CudaGpt<T: Precision = f32> {
 }
 
 /// A driver error as the trainer's error, naming what was being done.
-fn driver(what: &str) -> impl FnOnce(DriverError) -> TrainError + '_ {
+pub(crate) fn driver(what: &str) -> impl FnOnce(DriverError) -> TrainError + '_ {
     move |e| TrainError::Kernel(KernelError::Cuda(format!("{what}: {e:?}")))
 }
 
@@ -819,7 +819,7 @@ fn block_backward<T: GpuFloat>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The CUDA model against the CPU model on one tiny GPT-2: the loss and every gradient.
     //! Skipped (and saying so) where no GPU is usable, unless LAZARUS_REQUIRE_GPU=1.
 
@@ -831,7 +831,9 @@ mod tests {
     const LOSS_REL_TOL: f64 = 1e-5;
     const GRAD_REL_TOL: f32 = 1e-4;
 
-    fn gpu_or_skip() -> Option<Gpu> {
+    /// GPU 0, or `None` (saying so) where no GPU is usable; a panic under
+    /// LAZARUS_REQUIRE_GPU=1.
+    pub(crate) fn gpu_or_skip() -> Option<Gpu> {
         match Gpu::open(0) {
             Ok(g) => Some(g),
             Err(e) if std::env::var("LAZARUS_REQUIRE_GPU").as_deref() == Ok("1") => {
@@ -862,9 +864,22 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_cuda_model_matches_the_cpu_model_and_repeats_bit_identically() {
-        let Some(gpu) = gpu_or_skip() else { return };
+    /// One batch of the tiny model and what the CPU model makes of it: the reference both
+    /// precisions are held against.
+    struct Reference {
+        cfg: ModelConfig,
+        b: usize,
+        t: usize,
+        layout: Layout,
+        params: Vec<f32>,
+        inp: Vec<u32>,
+        tgt: Vec<u32>,
+        dloss: f32,
+        loss_cpu: f64,
+        want: Vec<f32>,
+    }
+
+    fn cpu_reference() -> Reference {
         let cfg = tiny();
         let (b, t) = (2, 16);
         let layout = Layout::gpt2(&cfg);
@@ -872,11 +887,38 @@ mod tests {
         init_params(&layout, &cfg, 7, &mut params);
         let (inp, tgt) = (tokens(b * t, 1, cfg.vocab), tokens(b * t, 2, cfg.vocab));
         let dloss = 1.0 / (b * t) as f32;
-
         let mut cpu = Gpt::new(cfg, b, t, true);
         let mut want = vec![0.0f32; layout.total];
         let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
+        Reference {
+            cfg,
+            b,
+            t,
+            layout,
+            params,
+            inp,
+            tgt,
+            dloss,
+            loss_cpu,
+            want,
+        }
+    }
 
+    #[test]
+    fn the_cuda_model_matches_the_cpu_model_and_repeats_bit_identically() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let Reference {
+            cfg,
+            b,
+            t,
+            layout,
+            params,
+            inp,
+            tgt,
+            dloss,
+            loss_cpu,
+            want,
+        } = cpu_reference();
         let mut dev = CudaGpt::<f32>::new(gpu, cfg, b, t).unwrap();
         assert_eq!(
             dev.activation_bytes(),
@@ -928,17 +970,18 @@ mod tests {
     #[test]
     fn the_bf16_model_follows_the_cpu_model_within_bf16_tolerance() {
         let Some(gpu) = gpu_or_skip() else { return };
-        let cfg = tiny();
-        let (b, t) = (2, 16);
-        let layout = Layout::gpt2(&cfg);
-        let mut params = vec![0.0f32; layout.total];
-        init_params(&layout, &cfg, 7, &mut params);
-        let (inp, tgt) = (tokens(b * t, 1, cfg.vocab), tokens(b * t, 2, cfg.vocab));
-        let dloss = 1.0 / (b * t) as f32;
-        let mut cpu = Gpt::new(cfg, b, t, true);
-        let mut want = vec![0.0f32; layout.total];
-        let loss_cpu = cpu.forward_backward(&params, &mut want, &inp, &tgt, b, t, dloss);
-
+        let Reference {
+            cfg,
+            b,
+            t,
+            layout,
+            params,
+            inp,
+            tgt,
+            dloss,
+            loss_cpu,
+            want,
+        } = cpu_reference();
         let mut dev = CudaGpt::<bf16>::new(gpu, cfg, b, t).unwrap();
         assert_eq!(
             dev.activation_bytes(),

@@ -15,18 +15,13 @@
 //! before the update and the updated parameter slice goes down for the all-gather.
 
 use crate::config::TrainConfig;
+use crate::cuda_model::driver;
 use crate::optim::segment_hparams;
 use crate::{Result, TrainError};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DriverError, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use lazarus_kernels::cuda::Gpu;
-use lazarus_kernels::KernelError;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// A driver error as the trainer's error, naming what was being done.
-fn driver(what: &str) -> impl FnOnce(DriverError) -> TrainError + '_ {
-    move |e| TrainError::Kernel(KernelError::Cuda(format!("{what}: {e:?}")))
-}
 
 /// The three host slices of a snapshot, in pinned memory.
 struct Pinned {
@@ -278,21 +273,9 @@ mod tests {
     //! (and saying so) where no GPU is usable, unless LAZARUS_REQUIRE_GPU=1.
 
     use super::*;
+    use crate::cuda_model::tests::gpu_or_skip;
     use crate::optim::adamw_step;
     use crate::rng::Rng;
-
-    fn gpu_or_skip() -> Option<Gpu> {
-        match Gpu::open(0) {
-            Ok(g) => Some(g),
-            Err(e) if std::env::var("LAZARUS_REQUIRE_GPU").as_deref() == Ok("1") => {
-                panic!("LAZARUS_REQUIRE_GPU=1 but no GPU: {e}")
-            }
-            Err(e) => {
-                eprintln!("skipped: no usable GPU here ({e})");
-                None
-            }
-        }
-    }
 
     /// The message of the panic `f` must raise.
     fn panic_text(f: impl FnOnce()) -> String {

@@ -11,6 +11,15 @@ fn assert_fails(o: &Output, code: i32, needles: &[&str]) {
     assert!(!t.contains("panicked"), "{t}");
 }
 
+/// `lazarus train` of one d2 step on `data` into run directory `rd`, with `extra` flags.
+fn train_on(data: &Path, rd: &Path, extra: &[&str]) -> Output {
+    let (data, rd) = (data.to_str().unwrap(), rd.to_str().unwrap());
+    let mut args = vec!["train", "--model", "d2", "--steps", "1"];
+    args.extend_from_slice(extra);
+    args.extend(["--data", data, "--run-dir", rd]);
+    run(&args)
+}
+
 #[test]
 fn bad_token_files_are_named_and_explained() {
     let tmp = tempfile::tempdir().unwrap();
@@ -20,44 +29,14 @@ fn bad_token_files_are_named_and_explained() {
     let truncated = tmp.path().join("trunc_train.bin");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let rd = tmp.path().join("r");
-    let o = run(&[
-        "train",
-        "--model",
-        "d2",
-        "--steps",
-        "1",
-        "--data",
-        truncated.to_str().unwrap(),
-        "--run-dir",
-        rd.to_str().unwrap(),
-    ]);
+    let o = train_on(&truncated, &rd, &[]);
     assert_fails(&o, 1, &["trunc_train.bin", "truncated"]);
     let garbage = tmp.path().join("garbage.bin");
     std::fs::write(&garbage, vec![0xABu8; 5000]).unwrap();
-    let o = run(&[
-        "train",
-        "--model",
-        "d2",
-        "--steps",
-        "1",
-        "--data",
-        garbage.to_str().unwrap(),
-        "--run-dir",
-        rd.to_str().unwrap(),
-    ]);
+    let o = train_on(&garbage, &rd, &[]);
     assert_fails(&o, 1, &["garbage.bin", "magic"]);
     let missing = tmp.path().join("missing_train.bin");
-    let o = run(&[
-        "train",
-        "--model",
-        "d2",
-        "--steps",
-        "1",
-        "--data",
-        missing.to_str().unwrap(),
-        "--run-dir",
-        rd.to_str().unwrap(),
-    ]);
+    let o = train_on(&missing, &rd, &[]);
     assert_fails(&o, 1, &["missing_train.bin", "os error 2"]);
     // The OS error is named once, not again as the cause of the message that holds it.
     assert_eq!(text(&o).matches("os error 2").count(), 1, "{}", text(&o));
@@ -107,19 +86,7 @@ fn bf16_needs_the_gpu_and_an_unknown_precision_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synth_data(tmp.path(), 50_000);
     let rd = tmp.path().join("r");
-    let o = run(&[
-        "train",
-        "--model",
-        "d2",
-        "--steps",
-        "1",
-        "--precision",
-        "bf16",
-        "--data",
-        data.to_str().unwrap(),
-        "--run-dir",
-        rd.to_str().unwrap(),
-    ]);
+    let o = train_on(&data, &rd, &["--precision", "bf16"]);
     assert_fails(
         &o,
         2,
